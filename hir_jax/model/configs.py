@@ -37,6 +37,7 @@ class T5Config:
     tie_word_embeddings: bool = False
     dtype: str = "float32"  # activation dtype; parameters are always float32
     param_dtype: str = "float32"
+    remat: bool = False  # rematerialise each layer in the backward pass (saves memory)
 
     def __post_init__(self) -> None:
         if self.feed_forward_proj not in ("gated-gelu", "relu", "gated-relu", "gelu"):
