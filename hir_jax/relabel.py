@@ -1,0 +1,307 @@
+"""Hindsight instruction relabeling and sub-output sampling (pure, host-side NumPy).
+
+From a query, one sampled output (token ids), its correctness and the gold answer,
+``relabel`` builds one training example: the positive and negative instruction, the
+output tokens moved to the encoder (the "prefix") and the decoder target. ``make_features``
+turns examples into fixed-shape padded arrays for the train step.
+
+Rules (HIR_REFERENCE.md; released code ``offline_trainer.py``, the training loop):
+
+* Output tokens: cut at the first EOS, PAD ids dropped (decoder start, padding), one EOS
+  appended, as the released code does by decoding the sample with
+  ``skip_special_tokens=True`` and re-tokenizing it (so an output that hit the length
+  limit without EOS still ends in EOS). We stay in token space: no text round trip.
+* Instructions: correct -> positive ``CORRECT_RELABEL_RELEASED`` (``relabel_instruction=
+  "released"``, default) or ``CORRECT`` (``"paper"``), negative ``WRONG``;
+  wrong -> positive ``WRONG``, negative ``CORRECT``.
+* Sub-output sampling (``sub_output=True``, default): for an output of L tokens (EOS
+  included), L <= 3 -> the whole; else start ~ U(range(0, L-3, 2)), end ~
+  U(range(start+1, L+1, 2)). ``tokens[:start]`` goes to the encoder (before its final EOS,
+  for both instructions); the target is ``tokens[start:end]`` (EOS removed) + EOS.
+* Gold rule (only when the span is cut short, end < L): the text of ``tokens[:end]``
+  (``detokenize``), normalised as the released code does (spaces and "." removed,
+  lower-cased), is compared with the normalised gold answer. If equal, or a substring of
+  it (Python ``in``: an empty string counts), the example is treated as correct; a wrong
+  output then swaps its instructions, giving positive ``CORRECT`` (the released code's
+  swap, in both modes) and negative ``WRONG``. In the substring-but-not-equal case the
+  released code does not append EOS to the target (the answer is unfinished there);
+  ``eos_on_partial_answer=True`` appends it as HIR_REFERENCE.md words it.
+
+The released code draws a new span every time an example is visited (every epoch), so
+keep raw samples in the replay buffer and call ``relabel_batch`` once per epoch with a
+fresh seed. Randomness: a ``numpy.random.Generator``, an int seed, or a JAX PRNG key
+(converted by ``as_generator``); spans are drawn in example order, so a seed fixes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import numpy as np
+
+from hir_jax.model.configs import DECODER_START_ID, EOS_ID, PAD_ID
+from tasks.instructions import CORRECT, CORRECT_RELABEL_RELEASED, WRONG, prompt
+
+RelabelInstruction = Literal["released", "paper"]
+Overflow = Literal["error", "truncate"]
+SeedLike = np.random.Generator | int | Any  # Any: a JAX PRNG key (raw uint32 or typed)
+
+
+@dataclasses.dataclass(frozen=True)
+class RelabeledExample:
+    """One training example. ``prefix`` and ``target`` are int32 token ids.
+
+    ``correct`` is the class the instructions express (after the gold rule);
+    ``sampled_correct`` is the feedback of the whole sampled output; ``start``/``end``
+    are the sub-output bounds within the cleaned output (EOS included).
+    """
+
+    query: str
+    positive: str
+    negative: str
+    prefix: np.ndarray
+    target: np.ndarray
+    correct: bool
+    sampled_correct: bool
+    start: int
+    end: int
+
+
+def as_generator(seed: SeedLike) -> np.random.Generator:
+    """A numpy Generator from a Generator (returned as is), an int, or a JAX PRNG key.
+
+    A key (raw ``uint32[2]`` or typed ``jax.random.key``) seeds ``default_rng`` with its
+    key words, so the same key always gives the same draws. jax is imported only for
+    typed keys.
+    """
+    if isinstance(seed, np.random.Generator):
+        return seed
+    if isinstance(seed, int | np.integer):
+        return np.random.default_rng(int(seed))
+    data = seed
+    dtype = getattr(seed, "dtype", None)
+    if dtype is not None and "key" in str(dtype):
+        import jax
+
+        data = jax.random.key_data(seed)
+    words = np.asarray(data).astype(np.uint32).ravel()
+    return np.random.default_rng([int(w) for w in words])
+
+
+def clean_output(tokens: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Sampled ids -> output tokens: cut at the first EOS, drop PAD, append one EOS."""
+    arr = np.asarray(tokens, dtype=np.int64).ravel()
+    eos = np.flatnonzero(arr == EOS_ID)
+    if eos.size:
+        arr = arr[: eos[0]]
+    arr = arr[arr != PAD_ID]
+    return np.concatenate([arr, [EOS_ID]]).astype(np.int32)
+
+
+def sample_span(length: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Released sub-output bounds for an output of ``length`` tokens (EOS included).
+
+    length <= 3 -> (0, length); else start uniform over range(0, length-3, 2) and end
+    uniform over range(start+1, length+1, 2).
+    """
+    if length <= 3:
+        return 0, length
+    starts = range(0, length - 3, 2)
+    start = starts[int(rng.integers(len(starts)))]
+    ends = range(start + 1, length + 1, 2)
+    return start, ends[int(rng.integers(len(ends)))]
+
+
+def instructions(
+    correct: bool, *, relabel_instruction: RelabelInstruction = "released"
+) -> tuple[str, str]:
+    """(positive, negative) instruction for a whole output judged ``correct`` or not."""
+    if relabel_instruction not in ("released", "paper"):
+        raise ValueError(
+            f"relabel_instruction must be 'released' or 'paper', got {relabel_instruction!r}"
+        )
+    if correct:
+        return (CORRECT_RELABEL_RELEASED if relabel_instruction == "released" else CORRECT), WRONG
+    return WRONG, CORRECT
+
+
+def _norm_output(text: str) -> str:
+    # The released code's normalisation of the (partial) output text.
+    return text.replace(" ", "").replace(".", "").lower()
+
+
+def _norm_gold(text: str) -> str:
+    # The released code's normalisation of the gold answer ("\n" treated as a space).
+    return str(text).lower().replace("\n", " ").replace(" ", "").replace(".", "")
+
+
+def relabel(
+    query: str,
+    output: Sequence[int] | np.ndarray,
+    correct: bool,
+    gold: str,
+    rng: SeedLike,
+    *,
+    detokenize: Callable[[list[int]], str] | None = None,
+    sub_output: bool = True,
+    relabel_instruction: RelabelInstruction = "released",
+    eos_on_partial_answer: bool = False,
+) -> RelabeledExample:
+    """Relabel one sampled output (see the module doc for every rule).
+
+    ``query`` is the prompt text after the instruction ("Q: ...\\nA:"); ``output`` the
+    sampled ids (EOS/PAD handled by ``clean_output``); ``correct`` its feedback; ``gold``
+    the gold answer text. ``detokenize`` (ids -> text, special ids skipped) is required
+    when ``sub_output`` is on, for the gold rule.
+    """
+    if sub_output and detokenize is None:
+        raise ValueError("sub_output=True needs detokenize (ids -> text) for the gold rule")
+    tokens = clean_output(output)
+    length = len(tokens)
+    start, end = sample_span(length, as_generator(rng)) if sub_output else (0, length)
+
+    effective, swapped, partial = bool(correct), False, False
+    if end < length:
+        head = _norm_output(detokenize(tokens[:end].tolist()))
+        gold_n = _norm_gold(gold)
+        if head in gold_n:
+            partial = head != gold_n
+            swapped = not effective
+            effective = True
+    if swapped:
+        positive, negative = CORRECT, WRONG  # the released code swaps the wrong pair
+    else:
+        positive, negative = instructions(effective, relabel_instruction=relabel_instruction)
+
+    body = tokens[start:end]
+    body = body[body != EOS_ID]
+    if not (partial and not eos_on_partial_answer):
+        body = np.concatenate([body, [EOS_ID]])
+    return RelabeledExample(
+        query=query,
+        positive=positive,
+        negative=negative,
+        prefix=tokens[:start].astype(np.int32),
+        target=body.astype(np.int32),
+        correct=effective,
+        sampled_correct=bool(correct),
+        start=int(start),
+        end=int(end),
+    )
+
+
+def relabel_batch(
+    queries: Sequence[str],
+    outputs: Sequence[Sequence[int] | np.ndarray],
+    correct: Sequence[bool],
+    golds: Sequence[str],
+    rng: SeedLike,
+    **kwargs: Any,
+) -> list[RelabeledExample]:
+    """``relabel`` over parallel lists, drawing spans in order from one Generator.
+
+    Keyword arguments are those of ``relabel``.
+    """
+    n = len(queries)
+    if not (len(outputs) == len(correct) == len(golds) == n):
+        raise ValueError(
+            f"lengths differ: {n} queries, {len(outputs)} outputs, {len(correct)} correct, "
+            f"{len(golds)} golds"
+        )
+    gen = as_generator(rng)
+    return [
+        relabel(q, o, c, g, gen, **kwargs)
+        for q, o, c, g in zip(queries, outputs, correct, golds, strict=True)
+    ]
+
+
+def _pad(rows: list[np.ndarray], width: int, dtype: Any) -> np.ndarray:
+    out = np.zeros((len(rows), width), dtype=dtype)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = row
+    return out
+
+
+def make_features(
+    examples: Sequence[RelabeledExample],
+    tokenize: Callable[[str], Sequence[int]],
+    *,
+    max_encoder_len: int,
+    max_decoder_len: int,
+    on_overflow: Overflow = "error",
+) -> dict[str, np.ndarray]:
+    """Fixed-shape, zero-padded feature arrays for the train step.
+
+    ``tokenize``: text -> ids without EOS (one trailing EOS, as HF tokenizers add, is
+    removed). Keys (``B`` examples): ``encoder_pos_tokens``/``encoder_neg_tokens``
+    ``[B, max_encoder_len]`` = tokenize(prompt(instruction, query)) + prefix + [EOS];
+    ``decoder_target_tokens``, ``decoder_input_tokens`` (target shifted right, start id
+    0), ``decoder_loss_weights`` (float32, 1 on target tokens) ``[B, max_decoder_len]``;
+    ``positive_is_correct`` ``[B]`` (for the in-batch contrastive term);
+    ``encoder_truncated``/``decoder_truncated`` ``[B]`` tokens dropped per example.
+
+    Too long: ``on_overflow="error"`` (default) raises ``ValueError`` naming the example
+    and the lengths needed. ``"truncate"`` drops the oldest prefix tokens (the same
+    number under both instructions, so the two inputs differ only by instruction) and
+    the end of the target, and counts them; a prompt that does not fit even without
+    prefix still raises.
+    """
+    if on_overflow not in ("error", "truncate"):
+        raise ValueError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
+    cache: dict[str, list[int]] = {}
+
+    def encode(text: str) -> list[int]:
+        if text not in cache:
+            ids = [int(t) for t in tokenize(text)]
+            if ids and ids[-1] == EOS_ID:
+                ids = ids[:-1]
+            cache[text] = ids
+        return cache[text]
+
+    enc_pos, enc_neg, dec_tgt, enc_cut, dec_cut = [], [], [], [], []
+    for i, ex in enumerate(examples):
+        pos_ids = encode(prompt(ex.positive, ex.query))
+        neg_ids = encode(prompt(ex.negative, ex.query))
+        prefix = [int(t) for t in ex.prefix]
+        need = max(len(pos_ids), len(neg_ids)) + len(prefix) + 1
+        cut = max(0, need - max_encoder_len)
+        if cut and (on_overflow == "error" or cut > len(prefix)):
+            raise ValueError(
+                f"example {i}: encoder input needs {need} tokens (prompt "
+                f"{max(len(pos_ids), len(neg_ids))} + moved prefix {len(prefix)} + EOS) but "
+                f"max_encoder_len={max_encoder_len}; raise max_encoder_len"
+                + (" or pass on_overflow='truncate'" if on_overflow == "error" else "")
+            )
+        prefix = prefix[cut:]
+        enc_pos.append(np.asarray(pos_ids + prefix + [EOS_ID], np.int32))
+        enc_neg.append(np.asarray(neg_ids + prefix + [EOS_ID], np.int32))
+        enc_cut.append(cut)
+
+        target = np.asarray(ex.target, np.int32)
+        tcut = max(0, len(target) - max_decoder_len)
+        if tcut and on_overflow == "error":
+            raise ValueError(
+                f"example {i}: decoder target has {len(target)} tokens but "
+                f"max_decoder_len={max_decoder_len}; raise max_decoder_len or pass "
+                "on_overflow='truncate'"
+            )
+        dec_tgt.append(target[: len(target) - tcut])
+        dec_cut.append(tcut)
+
+    targets = _pad(dec_tgt, max_decoder_len, np.int32)
+    inputs = np.zeros_like(targets)
+    inputs[:, 0] = DECODER_START_ID
+    inputs[:, 1:] = targets[:, :-1]
+    weights = _pad([np.ones(len(t), np.float32) for t in dec_tgt], max_decoder_len, np.float32)
+    return {
+        "encoder_pos_tokens": _pad(enc_pos, max_encoder_len, np.int32),
+        "encoder_neg_tokens": _pad(enc_neg, max_encoder_len, np.int32),
+        "decoder_target_tokens": targets,
+        "decoder_input_tokens": inputs,
+        "decoder_loss_weights": weights,
+        "positive_is_correct": np.asarray([ex.correct for ex in examples], np.int32),
+        "encoder_truncated": np.asarray(enc_cut, np.int32),
+        "decoder_truncated": np.asarray(dec_cut, np.int32),
+    }
