@@ -77,26 +77,47 @@ def _v1_1(**kw: Any) -> T5Config:
 # FLAN-T5 == T5 v1.1 architecture (HIR_REFERENCE.md, "FLAN-T5 facts").
 CONFIGS: dict[str, T5Config] = {
     "tiny": _v1_1(
-        vocab_size=512, d_model=64, d_kv=16, d_ff=128, num_heads=4,
-        num_encoder_layers=2, num_decoder_layers=2,
+        vocab_size=512,
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_heads=4,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
     ),
     "small": _v1_1(
         d_model=512, d_kv=64, d_ff=1024, num_heads=6, num_encoder_layers=8, num_decoder_layers=8
     ),
     "base": _v1_1(
-        d_model=768, d_kv=64, d_ff=2048, num_heads=12, num_encoder_layers=12,
+        d_model=768,
+        d_kv=64,
+        d_ff=2048,
+        num_heads=12,
+        num_encoder_layers=12,
         num_decoder_layers=12,
     ),
     "large": _v1_1(
-        d_model=1024, d_kv=64, d_ff=2816, num_heads=16, num_encoder_layers=24,
+        d_model=1024,
+        d_kv=64,
+        d_ff=2816,
+        num_heads=16,
+        num_encoder_layers=24,
         num_decoder_layers=24,
     ),
     "xl": _v1_1(
-        d_model=2048, d_kv=64, d_ff=5120, num_heads=32, num_encoder_layers=24,
+        d_model=2048,
+        d_kv=64,
+        d_ff=5120,
+        num_heads=32,
+        num_encoder_layers=24,
         num_decoder_layers=24,
     ),
     "xxl": _v1_1(
-        d_model=4096, d_kv=64, d_ff=10240, num_heads=64, num_encoder_layers=24,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_heads=64,
+        num_encoder_layers=24,
         num_decoder_layers=24,
     ),
 }

@@ -398,7 +398,11 @@ class Decoder(nn.Module):
             logits = self.embedder.attend(x)
         else:
             logits = _dense(
-                cfg, cfg.vocab_size, ("embed", "vocab"), cfg.d_model**-0.5, "logits_dense",
+                cfg,
+                cfg.vocab_size,
+                ("embed", "vocab"),
+                cfg.d_model**-0.5,
+                "logits_dense",
                 dtype=jnp.float32,
             )(x)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))

@@ -1,0 +1,233 @@
+"""Jitted generation: encode once, then decode in one ``lax.while_loop`` with a KV cache.
+
+Greedy decoding and temperature sampling with top-k and top-p, ``num_samples`` outputs
+per prompt (the encoder output is repeated, not recomputed), early stop once every
+sequence has produced EOS. Randomness is explicit: each output row draws from
+``fold_in(fold_in(rng, row_id), step)``, so a prompt's samples depend on the key, its id
+and nothing else: not on the other prompts of the batch, the batch size, the padding or
+the device mesh.
+
+Shapes are static: prompts are padded to length buckets (``pad_batch``) so that a new
+round of sampling reuses the compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hir_jax.model.configs import DECODER_START_ID, EOS_ID, PAD_ID
+from hir_jax.model.t5 import T5
+
+Array = jax.Array
+DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How outputs are drawn. The reference's HIR sampling: T=1, top-k 50, top-p 1, 256."""
+
+    temperature: float = 1.0
+    top_k: int = 50  # 0 disables
+    top_p: float = 1.0  # 1.0 disables
+    num_samples: int = 1
+    max_new_tokens: int = 256
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.greedy and self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.num_samples < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"bad sampling config {self}")
+
+
+GREEDY = SamplingConfig(greedy=True, top_k=0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeOutput:
+    """Generated ids [batch, num_samples, max_new_tokens] (EOS included, then PAD), the
+    model's log-probability (temperature 1, unfiltered) of each generated token, and
+    lengths (EOS counted)."""
+
+    tokens: Array
+    logprobs: Array
+    lengths: Array
+
+
+# --------------------------------------------------------------------------- filters (pure)
+
+
+def top_p_mask(sorted_logits: Array, top_p: float | Array) -> Array:
+    """Mask over logits sorted in descending order keeping the smallest prefix whose
+    probability reaches ``top_p`` (the first token is always kept)."""
+    probs = jax.nn.softmax(sorted_logits.astype(jnp.float32), axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    return before < top_p
+
+
+def sample_token(logits: Array, key: Array, cfg: SamplingConfig) -> Array:
+    """One token id from fp32 ``logits`` [vocab] under temperature, top-k and top-p."""
+    logits = logits.astype(jnp.float32) / cfg.temperature
+    if cfg.top_k > 0:
+        vals, idx = jax.lax.top_k(logits, min(cfg.top_k, logits.shape[-1]))
+        if cfg.top_p < 1.0:
+            vals = jnp.where(top_p_mask(vals, cfg.top_p), vals, -jnp.inf)
+        return idx[jax.random.categorical(key, vals)]
+    if cfg.top_p < 1.0:
+        order = jnp.argsort(-logits)
+        vals = logits[order]
+        vals = jnp.where(top_p_mask(vals, cfg.top_p), vals, -jnp.inf)
+        return order[jax.random.categorical(key, vals)]
+    return jax.random.categorical(key, logits)
+
+
+# --------------------------------------------------------------------------- generation
+
+
+def _generate(
+    model: T5,
+    cfg: SamplingConfig,
+    params: Any,
+    encoder_tokens: Array,
+    rng: Array,
+    row_ids: Array,
+) -> DecodeOutput:
+    batch = encoder_tokens.shape[0]
+    k, steps = cfg.num_samples, cfg.max_new_tokens
+    n = batch * k
+    encoded = model.apply({"params": params}, encoder_tokens, method=T5.encode)
+    encoded = jnp.repeat(encoded, k, axis=0)
+    enc_tokens = jnp.repeat(encoder_tokens, k, axis=0)
+    _, variables = model.apply(
+        {"params": params}, encoded, enc_tokens, steps, method=T5.init_cache, mutable=["cache"]
+    )
+    # Row r = prompt r // k, sample r % k; its key depends only on (rng, row id, sample).
+    sample_ids = jnp.repeat(row_ids, k) * k + jnp.tile(jnp.arange(k), batch)
+    row_keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(sample_ids)
+
+    def cond(state: tuple) -> Array:
+        step, _, _, _, _, done = state
+        return (step < steps) & ~jnp.all(done)
+
+    def body(state: tuple) -> tuple:
+        step, token, cache, tokens, logprobs, done = state
+        logits, new_vars = model.apply(
+            {"params": params, "cache": cache},
+            encoded,
+            enc_tokens,
+            token[:, None],
+            decode=True,
+            max_decode_length=steps,
+            method=T5.decode,
+            mutable=["cache"],
+        )
+        logits = logits[:, 0, :]
+        if cfg.greedy:
+            nxt = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        else:
+            keys = jax.vmap(lambda key: jax.random.fold_in(key, step))(row_keys)
+            nxt = jax.vmap(lambda lg, key: sample_token(lg, key, cfg))(logits, keys)
+            nxt = nxt.astype(jnp.int32)
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), nxt[:, None], axis=-1)[:, 0]
+        nxt = jnp.where(done, PAD_ID, nxt)
+        lp = jnp.where(done, 0.0, lp)
+        tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, step))
+        done = done | (nxt == EOS_ID)
+        return step + 1, nxt, new_vars["cache"], tokens, logprobs, done
+
+    init = (
+        jnp.array(0, jnp.int32),
+        jnp.full((n,), DECODER_START_ID, jnp.int32),
+        variables["cache"],
+        jnp.full((n, steps), PAD_ID, jnp.int32),
+        jnp.zeros((n, steps), jnp.float32),
+        jnp.zeros((n,), bool),
+    )
+    _, _, _, tokens, logprobs, _ = jax.lax.while_loop(cond, body, init)
+    lengths = jnp.sum(tokens != PAD_ID, axis=-1)
+    return DecodeOutput(
+        tokens=tokens.reshape(batch, k, steps),
+        logprobs=logprobs.reshape(batch, k, steps),
+        lengths=lengths.reshape(batch, k),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted(model: T5, cfg: SamplingConfig) -> Any:
+    return jax.jit(functools.partial(_generate, model, cfg))
+
+
+def generate(
+    model: T5,
+    params: Any,
+    encoder_tokens: Array | np.ndarray,
+    rng: Array,
+    cfg: SamplingConfig = GREEDY,
+    row_ids: Array | np.ndarray | None = None,
+) -> DecodeOutput:
+    """Generates ``cfg.num_samples`` outputs for each prompt row of ``encoder_tokens``.
+
+    ``row_ids`` (default ``arange(batch)``) name the prompts for the PRNG: give each
+    prompt a stable id (its example index) to make its samples independent of how the
+    prompts are batched. Compiled once per (model, cfg, input shape); call it under the
+    mesh and logical axis rules of ``hir_jax.partitioning`` to run sharded.
+    """
+    encoder_tokens = jnp.asarray(encoder_tokens, jnp.int32)
+    if row_ids is None:
+        row_ids = jnp.arange(encoder_tokens.shape[0], dtype=jnp.int32)
+    row_ids = jnp.asarray(row_ids, jnp.int32)
+    return _jitted(model, cfg)(params, encoder_tokens, rng, row_ids)
+
+
+# --------------------------------------------------------------------------- host-side helpers
+
+
+def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
+    """The smallest bucket that holds ``length`` tokens."""
+    for b in sorted(buckets):
+        if length <= b:
+            return b
+    raise ValueError(
+        f"sequence of {length} tokens is longer than the largest bucket {max(buckets)}; "
+        "raise the buckets or truncate the inputs"
+    )
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]],
+    buckets: Sequence[int] = DEFAULT_BUCKETS,
+    batch_multiple: int = 1,
+) -> tuple[np.ndarray, int]:
+    """Right-pads token lists to a bucketed length and the rows to a multiple.
+
+    Returns the [rows, length] int32 array and the number of real rows; padding rows are
+    all PAD and their outputs should be dropped.
+    """
+    if not sequences:
+        raise ValueError("no sequences to pad")
+    length = bucket_length(max(len(s) for s in sequences), buckets)
+    rows = -(-len(sequences) // batch_multiple) * batch_multiple
+    out = np.full((rows, length), PAD_ID, np.int32)
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = s
+    return out, len(sequences)
+
+
+def output_ids(out: DecodeOutput, row: int, sample: int = 0, keep_eos: bool = False) -> list[int]:
+    """The generated ids of one output as a list (without EOS unless asked)."""
+    n = int(out.lengths[row, sample])
+    ids = [int(t) for t in np.asarray(out.tokens[row, sample, :n])]
+    if not keep_eos and ids and ids[-1] == EOS_ID:
+        ids = ids[:-1]
+    return ids
