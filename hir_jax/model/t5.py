@@ -243,8 +243,9 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, *, deterministic: bool) -> Array:
         cfg = self.config
+        # As HF: the gated GELU (FLAN-T5) is the tanh approximation, plain "gelu" is exact.
         act = {
-            "gelu": functools.partial(nn.gelu, approximate=True),
+            "gelu": functools.partial(nn.gelu, approximate=cfg.is_gated),
             "relu": nn.relu,
         }[cfg.activation]
         d, ff = cfg.d_model, cfg.d_ff

@@ -1,0 +1,128 @@
+"""One entry point for any checkpoint: detect the format, load, validate; the vocabulary."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+from hir_jax.checkpoints import hf, t5x
+from hir_jax.checkpoints.errors import NoCheckpointError, UnknownFormatError
+from hir_jax.checkpoints.paths import PathLike, as_path
+from hir_jax.checkpoints.tree import Params, check_params, config_from_params, to_float32
+from hir_jax.model.configs import T5Config
+
+if TYPE_CHECKING:
+    import seqio
+
+log = logging.getLogger(__name__)
+
+Format = Literal["hf", "t5x"]
+VOCABULARY_NAMES = ("spiece.model", "sentencepiece.model", "tokenizer.model")
+NUM_EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0..99>
+
+
+def detect_format(path: PathLike) -> Format:
+    """The format at ``path``: "hf" (a directory with config.json) or "t5x".
+
+    "t5x" covers the msgpack ``checkpoint`` file, a ``checkpoint_<step>`` directory and
+    a model directory holding such step directories.
+
+    Raises NoCheckpointError for a missing path or a directory without a checkpoint, and
+    UnknownFormatError for anything else.
+    """
+    p = as_path(path)
+    if not p.exists():
+        raise NoCheckpointError(f"{p}: no such file or directory")
+    if not p.is_dir():
+        if p.name == t5x.CHECKPOINT_FILE:
+            t5x.find_checkpoint(p)  # rejects a TensorFlow checkpoint index
+            return "t5x"
+        if p.name in (hf.CONFIG_NAME, *hf.WEIGHT_NAMES):
+            return "hf"
+        raise UnknownFormatError(
+            f"{p}: unknown checkpoint format; expected an HF directory (config.json + "
+            "model.safetensors), a T5X checkpoint_<step> directory, or its 'checkpoint' file"
+        )
+    if (p / hf.CONFIG_NAME).exists():
+        return "hf"
+    if (p / t5x.CHECKPOINT_FILE).exists() or t5x.all_steps(p):
+        t5x.find_checkpoint(p)
+        return "t5x"
+    if (p / "_CHECKPOINT_METADATA").exists() or (p / "_METADATA").exists():
+        raise UnknownFormatError(
+            f"{p}: an Orbax checkpoint, not an HF or T5X model checkpoint (T5X's has a "
+            f"msgpack '{t5x.CHECKPOINT_FILE}' file)"
+        )
+    if list(p.glob("*.safetensors")) or list(p.glob("*.bin")):
+        raise UnknownFormatError(f"{p}: has weight files but no {hf.CONFIG_NAME}")
+    if list(p.glob("*.ckpt*.index")) or list(p.glob("model.ckpt-*")):
+        raise UnknownFormatError(
+            f"{p}: a TensorFlow (Mesh TF) checkpoint; convert it with T5X's checkpoint "
+            "importer first"
+        )
+    raise NoCheckpointError(
+        f"{p}: no checkpoint found; looked for {hf.CONFIG_NAME} (HF), "
+        f"{t5x.CHECKPOINT_FILE} (T5X step directory) and checkpoint_<step>/"
+        f"{t5x.CHECKPOINT_FILE} (T5X model directory)"
+    )
+
+
+def load_checkpoint(path: PathLike, config: T5Config | None = None) -> tuple[T5Config, Params]:
+    """Load an HF or T5X checkpoint as ``(config, params)`` (fp32 numpy leaves).
+
+    HF: the config comes from config.json; a given ``config`` must agree with it on
+    shapes and is returned. T5X: the params are checked against ``config`` if given,
+    otherwise the shape fields are inferred (other fields keep ``T5Config`` defaults).
+    """
+    fmt = detect_format(path)
+    if fmt == "hf":
+        return hf.load_hf(path, config)
+    params, info = t5x.read_t5x(path)
+    params = to_float32(params)
+    source = str(info["file"])
+    if config is None:
+        config = config_from_params(params, source=source)
+        log.info("%s: inferred %s", source, config)
+    else:
+        check_params(params, config, source)
+    return config, params
+
+
+def find_vocabulary(path: PathLike) -> PathLike:
+    """The SentencePiece model file at ``path`` or beside the checkpoint ``path`` names.
+
+    Looks in the directory (or the file's directory) and, for T5X step directories, in
+    the model directory above it.
+    """
+    p = as_path(path)
+    if p.exists() and not p.is_dir() and p.name != t5x.CHECKPOINT_FILE:
+        return p
+    directory = p if p.is_dir() else p.parent
+    candidates = [directory / name for name in VOCABULARY_NAMES]
+    if directory.name.startswith("checkpoint_"):
+        candidates += [directory.parent / name for name in VOCABULARY_NAMES]
+    for candidate in candidates:
+        if candidate.exists():
+            return candidate
+    raise NoCheckpointError(
+        f"{p}: no SentencePiece vocabulary; looked for {', '.join(map(str, candidates))}"
+    )
+
+
+def load_vocabulary(path: PathLike, extra_ids: int | None = None) -> seqio.SentencePieceVocabulary:
+    """``seqio.SentencePieceVocabulary`` for the SentencePiece model at or beside ``path``.
+
+    ``extra_ids`` None picks T5's convention: 100 sentinel ids when the model lacks
+    ``<extra_id_0>`` (HF's spiece.model), none when it has them (T5X's
+    cc_all.32000.100extra), so both give the same 32100 ids.
+    """
+    import sentencepiece
+    import seqio
+
+    model_path = find_vocabulary(path)
+    if extra_ids is None:
+        processor = sentencepiece.SentencePieceProcessor()
+        processor.LoadFromSerializedProto(as_path(model_path).read_bytes())
+        has_sentinels = processor.piece_to_id("<extra_id_0>") != processor.unk_id()
+        extra_ids = 0 if has_sentinels else NUM_EXTRA_IDS
+    return seqio.SentencePieceVocabulary(str(model_path), extra_ids=extra_ids)

@@ -1,0 +1,126 @@
+"""A small safetensors reader/writer through the path layer, bf16 included.
+
+The format: 8 bytes little-endian header length N, N bytes of JSON
+``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``,
+then the tensor bytes (offsets relative to the end of the header). ``safetensors.numpy``
+cannot return bfloat16, so tensors are read from their byte ranges here, with
+``ml_dtypes`` supplying the numpy bfloat16/float8 types.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from hir_jax.checkpoints.errors import CheckpointError, MissingTensorError
+from hir_jax.checkpoints.paths import PathLike, as_path
+
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path: PathLike) -> tuple[dict[str, Any], int]:
+    """(header without "__metadata__", byte offset where tensor data starts)."""
+    path = as_path(path)
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > _MAX_HEADER:
+            raise CheckpointError(f"{path}: not a safetensors file (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: not a safetensors file (bad header: {e})") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def read_tensors(path: PathLike, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    """Read ``names`` (default: all) from one safetensors file, in their stored dtype."""
+    path = as_path(path)
+    header, start = read_header(path)
+    wanted = list(header) if names is None else list(names)
+    for name in wanted:
+        if name not in header:
+            raise MissingTensorError(f"{path}: missing tensor {name!r}")
+    out: dict[str, np.ndarray] = {}
+    with path.open("rb") as f:
+        for name in sorted(wanted, key=lambda k: header[k]["data_offsets"][0]):
+            info = header[name]
+            if info["dtype"] not in DTYPES:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}"
+                )
+            dtype = DTYPES[info["dtype"]]
+            begin, end = info["data_offsets"]
+            shape = tuple(info["shape"])
+            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} byte range {begin}..{end} does not fit "
+                    f"shape {shape} {info['dtype']}"
+                )
+            f.seek(start + begin)
+            buf = f.read(end - begin)
+            if len(buf) != end - begin:
+                raise CheckpointError(f"{path}: tensor {name!r} is truncated")
+            out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    return out
+
+
+def write_tensors(
+    path: PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> int:
+    """Write ``tensors`` (numpy, any dtype in :data:`DTYPES`) as one safetensors file.
+
+    Returns the number of tensor bytes written.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    arrays: list[np.ndarray] = []
+    offset = 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        if arr.dtype not in _NAMES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {arr.dtype}")
+        header[name] = {
+            "dtype": _NAMES[arr.dtype],
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + arr.nbytes],
+        }
+        offset += arr.nbytes
+        arrays.append(arr)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # data aligned to 8 bytes, as the reference writer does
+    with as_path(path).open("wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for arr in arrays:
+            f.write(arr.tobytes())
+    return offset
