@@ -1,0 +1,64 @@
+"""Shared pieces of the benchmarks: timing, a random HF T5 of our config, key=value output."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hir_jax.model.configs import T5Config  # noqa: E402
+
+
+def time_fn(fn: Callable[[], Any], warmup: int = 1, repeats: int = 3) -> float:
+    """Median wall seconds of ``fn()`` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def hf_model(cfg: T5Config, seed: int = 0) -> Any:
+    """A randomly initialised HF T5ForConditionalGeneration with our config's shapes."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    hf_cfg = transformers.T5Config(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.d_model,
+        d_kv=cfg.d_kv,
+        d_ff=cfg.d_ff,
+        num_heads=cfg.num_heads,
+        num_layers=cfg.num_encoder_layers,
+        num_decoder_layers=cfg.num_decoder_layers,
+        feed_forward_proj=cfg.feed_forward_proj,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return transformers.T5ForConditionalGeneration(hf_cfg)
+
+
+def machine() -> str:
+    import jax
+
+    return f"{jax.devices()[0].platform} x{jax.device_count()}, {os.cpu_count()} cpus"
+
+
+def print_summary(**values: float) -> None:
+    """The last line of every benchmark: ``key=value`` pairs, comparable run to run."""
+    print(
+        " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
+    )
