@@ -97,11 +97,15 @@ def sample_token(logits: Array, key: Array, cfg: SamplingConfig) -> Array:
 def _generate(
     model: T5,
     cfg: SamplingConfig,
+    partitioner: Any,
     params: Any,
     encoder_tokens: Array,
     rng: Array,
     row_ids: Array,
 ) -> DecodeOutput:
+    if partitioner is not None:
+        with partitioner.context():
+            return _generate(model, cfg, None, params, encoder_tokens, rng, row_ids)
     batch = encoder_tokens.shape[0]
     k, steps = cfg.num_samples, cfg.max_new_tokens
     n = batch * k
@@ -164,8 +168,8 @@ def _generate(
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted(model: T5, cfg: SamplingConfig) -> Any:
-    return jax.jit(functools.partial(_generate, model, cfg))
+def _jitted(model: T5, cfg: SamplingConfig, partitioner: Any = None) -> Any:
+    return jax.jit(functools.partial(_generate, model, cfg, partitioner))
 
 
 def generate(
@@ -175,19 +179,25 @@ def generate(
     rng: Array,
     cfg: SamplingConfig = GREEDY,
     row_ids: Array | np.ndarray | None = None,
+    partitioner: Any = None,
 ) -> DecodeOutput:
     """Generates ``cfg.num_samples`` outputs for each prompt row of ``encoder_tokens``.
 
     ``row_ids`` (default ``arange(batch)``) name the prompts for the PRNG: give each
     prompt a stable id (its example index) to make its samples independent of how the
-    prompts are batched. Compiled once per (model, cfg, input shape); call it under the
-    mesh and logical axis rules of ``hir_jax.partitioning`` to run sharded.
+    prompts are batched. Compiled once per (model, cfg, input shape). With a
+    ``hir_jax.partitioning.Partitioner`` the batch is placed over its ``data`` axis and
+    the model's logical constraints resolve against its mesh; parameters keep the
+    sharding they have (``partitioner.shard_params``).
     """
     encoder_tokens = jnp.asarray(encoder_tokens, jnp.int32)
     if row_ids is None:
         row_ids = jnp.arange(encoder_tokens.shape[0], dtype=jnp.int32)
     row_ids = jnp.asarray(row_ids, jnp.int32)
-    return _jitted(model, cfg)(params, encoder_tokens, rng, row_ids)
+    if partitioner is not None:
+        encoder_tokens = jax.device_put(encoder_tokens, partitioner.batch_sharding)
+        row_ids = jax.device_put(row_ids, partitioner.batch_sharding)
+    return _jitted(model, cfg, partitioner)(params, encoder_tokens, rng, row_ids)
 
 
 # --------------------------------------------------------------------------- host-side helpers

@@ -157,16 +157,14 @@ def test_bucketing_errors_and_config_checks():
 
 
 def test_sharded_generation_equals_single_device(params):
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
+    from hir_jax.partitioning import make_partitioner
 
-    devices = np.array(jax.devices()[:8]).reshape(4, 2)
-    mesh = Mesh(devices, ("data", "model"))
+    part = make_partitioner(data=4, model=2)
     enc = _prompts(batch=8)
     cfg = SamplingConfig(num_samples=2, max_new_tokens=6, top_k=5)
     single = decoding.generate(MODEL, params, enc, jax.random.key(4), cfg)
-    sharded_enc = jax.device_put(enc, NamedSharding(mesh, P("data", None)))
-    with mesh:
-        multi = decoding.generate(MODEL, params, sharded_enc, jax.random.key(4), cfg)
+    sharded = part.shard_params(params, CFG)
+    multi = decoding.generate(MODEL, sharded, enc, jax.random.key(4), cfg, partitioner=part)
+    assert multi.tokens.sharding.spec[0] == "data"
     np.testing.assert_array_equal(single.tokens, multi.tokens)
     np.testing.assert_allclose(single.logprobs, multi.logprobs, atol=1e-5)
