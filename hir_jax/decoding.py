@@ -1,7 +1,8 @@
 """Jitted generation: encode once, then decode in one ``lax.while_loop`` with a KV cache.
 
 Greedy decoding and temperature sampling with top-k and top-p, ``num_samples`` outputs
-per prompt (the encoder output is repeated, not recomputed), early stop once every
+per prompt (one encoder pass and one copy of the cross-attention keys/values per prompt,
+shared by its samples), early stop once every
 sequence has produced EOS. Randomness is explicit: each output row draws from
 ``fold_in(fold_in(rng, row_id), step)``, so a prompt's samples depend on the key, its id
 and nothing else: not on the other prompts of the batch, the batch size, the padding or
@@ -110,10 +111,15 @@ def _generate(
     k, steps = cfg.num_samples, cfg.max_new_tokens
     n = batch * k
     encoded = model.apply({"params": params}, encoder_tokens, method=T5.encode)
-    encoded = jnp.repeat(encoded, k, axis=0)
-    enc_tokens = jnp.repeat(encoder_tokens, k, axis=0)
+    enc_tokens = encoder_tokens  # the cache keeps one copy per prompt for its k samples
     _, variables = model.apply(
-        {"params": params}, encoded, enc_tokens, steps, method=T5.init_cache, mutable=["cache"]
+        {"params": params},
+        encoded,
+        enc_tokens,
+        steps,
+        k,
+        method=T5.init_cache,
+        mutable=["cache"],
     )
     # Row r = prompt r // k, sample r % k; its key depends only on (rng, row id, sample).
     sample_ids = jnp.repeat(row_ids, k) * k + jnp.tile(jnp.arange(k), batch)

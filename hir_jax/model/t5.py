@@ -179,6 +179,11 @@ class MultiHeadAttention(nn.Module):
             k, v, mask = self._cached_kv(kv, inputs_q, inputs_kv, mask, max_decode_length)
         else:
             k, v = kv(inputs_kv)
+        q_batch, q_len = q.shape[:2]
+        if q_batch != k.shape[0]:
+            # Several decoder rows per encoder row (num_samples): row b*g + j reads the
+            # keys/values of encoder row b, which are stored once, not repeated g times.
+            q = q.reshape((k.shape[0], -1) + q.shape[2:])
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         if bias is not None:
             scores = scores + bias
@@ -188,7 +193,7 @@ class MultiHeadAttention(nn.Module):
         weights = nn.Dropout(cfg.dropout_rate)(weights, deterministic=deterministic)
         weights = weights.astype(v.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        out = out.reshape(out.shape[:2] + (inner,))
+        out = out.reshape((q_batch, q_len, inner))
         return _dense(cfg, d, ("joined_kv", "embed"), inner**-0.5, "out")(out), mask
 
     def _cached_kv(
@@ -464,14 +469,20 @@ class T5(nn.Module):
         )
 
     def init_cache(
-        self, encoded: Array, encoder_input_tokens: Array, max_decode_length: int
+        self,
+        encoded: Array,
+        encoder_input_tokens: Array,
+        max_decode_length: int,
+        num_samples: int = 1,
     ) -> Array:
         """Creates the decoding cache (call with ``mutable=["cache"]``).
 
-        Allocates self-attention caches of ``max_decode_length`` positions and computes
-        the cross-attention keys/values of ``encoded`` once.
+        Allocates self-attention caches of ``max_decode_length`` positions for
+        ``batch * num_samples`` decoder rows (row ``b * num_samples + k`` is sample k of
+        prompt b) and computes the cross-attention keys/values of ``encoded`` once per
+        prompt. Decode steps then take the same (unrepeated) encoder arguments.
         """
-        start = jnp.zeros((encoded.shape[0], 1), jnp.int32)
+        start = jnp.zeros((encoded.shape[0] * num_samples, 1), jnp.int32)
         return self.decoder(
             encoded,
             encoder_input_tokens,
