@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: install test lint format bench demo
+DEMO_DIR ?= /tmp/hir_demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,3 +27,16 @@ test: lint
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# HIR on a real BigBench task with a tiny random T5 on CPU (gin_configs/experiments/demo.gin).
+demo: $(STAMP)
+	rm -rf $(DEMO_DIR)
+	$(BIN)/python run.py --gin_file=experiments/demo.gin --gin.MODEL_DIR="'$(DEMO_DIR)'"
+	$(BIN)/python -m hir_jax.report $(DEMO_DIR)
+	@echo "learning curve: $(DEMO_DIR)/learning_curve.png  metrics: $(DEMO_DIR)/metrics.jsonl"
+
+# Benchmarks vs HF transformers (long; not part of the tests).
+bench: $(STAMP)
+	$(BIN)/python bench/forward.py
+	$(BIN)/python bench/sampling.py
+	$(BIN)/python bench/train_step.py

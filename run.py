@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -65,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
     except Exception as exc:  # gin reports unknown names/files/values in many types
-        print(f"error: bad gin config: {_one_line(exc)}", file=sys.stderr)
+        required = re.search(r"(\w+)/macro\.value set to `%gin\.REQUIRED`", str(exc))
+        if required:
+            name = required.group(1)
+            print(f"error: required macro {name} is not set (--gin.{name}=...)", file=sys.stderr)
+        else:
+            print(f"error: bad gin config: {_one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         root.setLevel(level)

@@ -53,7 +53,7 @@ from hir_jax.train import (
 from tasks import bigbench
 
 METHODS = ("hir", "farl", "sft", "zero_shot")
-_SAMPLE, _TRAIN, _HOLDOUT = 0, 1, 2
+_SAMPLE, _TRAIN, _HOLDOUT, _WARMUP = 0, 1, 2, 3
 _HOLDOUT_EPOCH = 2**31 - 1  # relabeling seed of the held-out examples
 
 
@@ -86,6 +86,10 @@ class LoopConfig:
     num_microbatches: int = 1
     buffer_cap_factor: float = 4.0
     holdout_fraction: float = 0.1
+    # Optional SFT warm-up before round 0 on another task's gold answers (e.g. so that a
+    # random model learns the "(A)" answer format before HIR on the target task).
+    warmup_task: str | None = None
+    warmup_epochs: int = 0
     # Evaluation.
     eval_max_new_tokens: int = 256
     eval_batch_size: int = 64
@@ -468,7 +472,12 @@ class HIRLoop:
         )  # fmt: skip
 
     def _features(self, indices: Sequence[int], epoch: int) -> dict[str, np.ndarray]:
-        examples = [self._relabel(int(i), epoch) for i in indices]
+        return self._batch_features([self._relabel(int(i), epoch) for i in indices], self.loss)
+
+    def _batch_features(
+        self, examples: Sequence[relabel.RelabeledExample], loss: LossConfig
+    ) -> dict[str, np.ndarray]:
+        """One fixed-size batch: bucketed lengths, zero rows up to ``batch_size``."""
         feats = relabel.make_features(
             examples,
             self.tokenize,
@@ -477,12 +486,50 @@ class HIRLoop:
         )
         keep = ["encoder_pos_tokens", "decoder_input_tokens", "decoder_target_tokens"]
         keep += ["decoder_loss_weights"]
-        if self.loss.needs_negative:
+        if loss.needs_negative:
             keep.append("encoder_neg_tokens")
-        if self.loss.kind == "hir" and self.loss.contrastive == "in_batch":
+        if loss.kind == "hir" and loss.contrastive == "in_batch":
             keep.append("positive_is_correct")
         feats = _trim_to_buckets({k: feats[k] for k in keep})
         return _pad_rows(feats, self.loop.batch_size)
+
+    def warmup(self) -> dict[str, float]:
+        """SFT on ``warmup_task``'s gold answers (plain NLL, the sampling instruction)."""
+        loop = self.loop
+        data = _load_split(loop.warmup_task, "train", self.tokenize, None, loop.max_input_length)
+        examples = [
+            relabel.relabel(
+                ex.query,
+                self.tokenize(ex.answer),
+                True,
+                ex.answer,
+                0,
+                sub_output=False,
+                relabel_instruction="paper",
+            )  # fmt: skip
+            for ex in data.examples
+        ]
+        nll = nll_loss_config()
+        step = make_train_step(
+            self.model, self.optimizer, self.partitioner, loss=nll,
+            num_microbatches=loop.num_microbatches,
+        )  # fmt: skip
+        per_epoch = -(-len(examples) // loop.batch_size)
+        total, losses_sum = 0, 0.0
+        bar = metrics_log.progress(total=per_epoch * loop.warmup_epochs, desc="warm-up")
+        for epoch in range(loop.warmup_epochs):
+            order = np.random.default_rng([self.seed, 0, _WARMUP, epoch]).permutation(len(examples))
+            for idx in _batches(len(examples), loop.batch_size):
+                chosen = order[idx]
+                feats = self._batch_features([examples[i] for i in chosen], nll)
+                self.state, m = step(self.state, feats)
+                losses_sum += float(jax.device_get(m["loss"]))
+                total += 1
+                bar.update(1)
+            if self.preemption.requested:
+                raise Preempted()  # round 0 is redone on restart
+        bar.close()
+        return {"warmup_nll": losses_sum / max(total, 1), "warmup_steps": total}
 
     def _split_buffer(self) -> tuple[np.ndarray, np.ndarray]:
         """This round's held-out and training indices (shuffled; training part capped)."""
@@ -572,7 +619,10 @@ class HIRLoop:
         loop = self.loop
         last_round = 0 if loop.method == "zero_shot" else loop.num_rounds
         if self.round == 0:
-            self._finish_round({"test": self.evaluate() if loop.eval_initial else {}})
+            warm = self.warmup() if loop.warmup_task and loop.warmup_epochs else {}
+            self._finish_round(
+                {"train": warm, "test": self.evaluate() if loop.eval_initial else {}}
+            )
         while self.round <= last_round:
             if self.step_in_round == 0 and "sample" not in self.round_metrics:
                 if loop.method == "sft":
