@@ -53,7 +53,13 @@ KEY_FIELDS = ("round", "step", "split")
 RESERVED_FIELDS = (*KEY_FIELDS, "time")
 # Metrics stored as fractions 0..1 and shown as percentages.
 FRACTION_METRICS = frozenset(
-    {"accuracy", "sampled_correct_rate", "format_error_rate", "token_accuracy"}
+    {
+        "accuracy",
+        "sampled_correct_rate",
+        "format_error_rate",
+        "sampled_format_error_rate",
+        "token_accuracy",
+    }
 )
 LOSS_TERMS = ("loss", "nll", "contrastive", "entropy")
 
@@ -562,7 +568,7 @@ def plot_learning_curve(
         ("test", "accuracy", "test accuracy", "-", "o"),
         ("valid", "accuracy", "valid accuracy", "-", "s"),
         ("train", "sampled_correct_rate", "train sampled correct", "--", "^"),
-        ("train", "format_error_rate", "train format errors", ":", "x"),
+        ("train", "sampled_format_error_rate", "train sampled format errors", ":", "x"),
         ("test", "format_error_rate", "test format errors", ":", "+"),
     ]
     drew = False

@@ -43,7 +43,7 @@ def vocab(bigbench_dir):
 
 def _run(model_dir, vocab, **loop_kw):
     loop = hir.LoopConfig(
-        num_rounds=3,
+        num_rounds=4,
         samples_per_query=4,
         max_new_tokens=5,
         eval_max_new_tokens=5,
