@@ -1,0 +1,621 @@
+"""Train state, optimizers, and the jitted, sharded HIR / NLL train step with accumulation.
+
+A batch is a dict of arrays with a leading example dimension ``B``:
+
+* ``encoder_pos_tokens`` ``[B, Le]``: query under the positive (hindsight) instruction;
+* ``encoder_neg_tokens`` ``[B, Le']``: the same query under the negative instruction
+  (HIR loss only; padded to the longer of the two lengths inside the step);
+* ``decoder_input_tokens`` ``[B, Ld]``: targets shifted right, starting with PAD (0);
+* ``decoder_target_tokens`` ``[B, Ld]`` and ``decoder_loss_weights`` ``[B, Ld]`` (0 on pads);
+* ``positive_is_correct`` ``[B]`` (only for ``contrastive="in_batch"``).
+
+The positive and negative encoder inputs go through the model as one batch of ``2B``
+rows (interleaved, so every device keeps its own examples), so the contrastive term needs
+neither a second pass of the data pipeline nor a second model call.
+
+Gradient accumulation: ``num_microbatches = k`` splits the batch into k microbatches of
+``B/k`` (example ``i*k + j`` goes to microbatch j, so each device keeps its rows) and sums
+their gradients in a ``lax.scan``. The loss normalisers (example and token counts) are
+computed once on the whole batch (``losses.normalisers``), so k microbatches give the
+gradient of one batch of the same examples.
+
+Typical use (the HIR loop)::
+
+    part = partitioning.make_partitioner(data=-1, model=1)
+    opt = make_optimizer()                                  # AdamW 5e-4, wd 0, constant
+    state = create_train_state(config, params, opt, part, jax.random.key(0))
+    step = make_train_step(T5(config), opt, part, loss=LossConfig(), num_microbatches=4)
+    state, metrics = step(state, numpy_batch)    # state is donated; batch put on the mesh
+    metrics = jax.device_get(metrics)     # loss, nll, contrastive, entropy, token_accuracy,
+                                          # grad_norm, learning_rate, num_examples, num_tokens
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import flax.struct
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from hir_jax import losses
+from hir_jax.model.configs import T5Config
+from hir_jax.model.t5 import T5, param_shapes
+from hir_jax.partitioning import Partitioner, PartitioningError
+
+Array = jax.Array
+Batch = Mapping[str, Any]
+Metrics = dict[str, Array]
+
+POS, NEG = "encoder_pos_tokens", "encoder_neg_tokens"
+DEC_IN, TARGETS, WEIGHTS = "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"
+POS_IS_CORRECT = "positive_is_correct"
+
+
+# --------------------------------------------------------------------------- state
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a train step updates: a plain pytree (checkpointable by orbax).
+
+    ``rng`` is raw key data (``jax.random.key_data``, uint32) so that it serialises like any
+    array; each step derives its dropout key as ``fold_in(rng, step)``, so a resumed run
+    draws the same dropout masks as an uninterrupted one.
+    """
+
+    step: Array
+    params: Any
+    opt_state: Any
+    rng: Array
+
+
+def _key_data(rng: Array) -> Array:
+    if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(rng)
+    return jnp.asarray(rng, jnp.uint32)
+
+
+# --------------------------------------------------------------------------- optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """An optax transformation and its learning-rate schedule (for the metrics)."""
+
+    tx: optax.GradientTransformation
+    learning_rate: Callable[[Array], Array]
+
+
+def make_schedule(
+    learning_rate: float,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+) -> Callable[[Array], Array]:
+    """Learning rate per step: "constant" (the paper), or "linear"/"cosine" decay to 0 at
+    ``total_steps``; with ``warmup_steps`` a linear warmup from 0 comes first."""
+    if schedule == "constant":
+        main: Callable[[Array], Array] = optax.constant_schedule(learning_rate)
+    elif schedule in ("linear", "cosine"):
+        if not total_steps:
+            raise ValueError(f"schedule {schedule!r} needs total_steps")
+        n = max(total_steps - warmup_steps, 1)
+        main = (
+            optax.linear_schedule(learning_rate, 0.0, n)
+            if schedule == "linear"
+            else optax.cosine_decay_schedule(learning_rate, n)
+        )
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}: constant, linear or cosine")
+    if warmup_steps:
+        warm = optax.linear_schedule(0.0, learning_rate, warmup_steps)
+        return optax.join_schedules([warm, main], [warmup_steps])
+    return main
+
+
+def _decay_mask(decay_norms: bool) -> Callable[[Any], Any] | None:
+    """Weight-decay mask: the released code exempts layer-norm scales from decay."""
+    if decay_norms:
+        return None
+
+    def mask(params: Any) -> Any:
+        def is_decayed(path: tuple[Any, ...], _: Any) -> bool:
+            return getattr(path[-1], "key", None) != "scale"
+
+        return jax.tree_util.tree_map_with_path(is_decayed, params)
+
+    return mask
+
+
+@gin.configurable(module="hir_jax.train")
+def make_optimizer(
+    name: Literal["adamw", "adafactor"] = "adamw",
+    learning_rate: float = 5e-4,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+    weight_decay: float = 0.0,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    decay_norms: bool = False,
+    max_grad_norm: float | None = None,
+    adafactor_decay_rate: float = 0.8,
+    adafactor_clipping_threshold: float | None = 1.0,
+    adafactor_multiply_by_parameter_scale: bool = True,
+) -> Optimizer:
+    """The optimizer, selectable from gin (``make_optimizer.name = "adafactor"``).
+
+    Defaults are the paper's and the released code's: AdamW (torch semantics: decoupled
+    weight decay, bias correction, eps outside the sqrt), lr 5e-4, weight decay 0,
+    constant schedule, no warmup, no gradient clipping. ``decay_norms=False`` exempts
+    RMSNorm scales from weight decay like the released code. Adafactor uses T5X's
+    settings (decay rate 0.8, update clipping 1.0, parameter-scaled updates).
+    """
+    lr = make_schedule(learning_rate, schedule, warmup_steps, total_steps)
+    if name == "adamw":
+        tx = optax.adamw(
+            lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask(decay_norms)
+        )
+    elif name == "adafactor":
+        tx = optax.adafactor(
+            lr,
+            decay_rate=adafactor_decay_rate,
+            clipping_threshold=adafactor_clipping_threshold,
+            multiply_by_parameter_scale=adafactor_multiply_by_parameter_scale,
+            weight_decay_rate=weight_decay or None,
+            weight_decay_mask=_decay_mask(decay_norms),
+        )
+    else:
+        raise ValueError(f"unknown optimizer {name!r}: 'adamw' or 'adafactor'")
+    if max_grad_norm:
+        tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
+    return Optimizer(tx=tx, learning_rate=lr)
+
+
+# --------------------------------------------------------------------------- loss config
+
+
+@gin.configurable(module="hir_jax.train")
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which loss the step optimises; the fields are ``losses.hir_loss``'s keywords.
+
+    ``kind="hir"``: label-smoothed NLL + alpha * contrastive - beta * entropy (defaults:
+    the released code). ``kind="nll"``: plain (optionally smoothed) NLL for SFT/FARL; only
+    ``encoder_pos_tokens`` is needed and ``contrastive``/``alpha``/``beta`` are ignored.
+    """
+
+    kind: Literal["hir", "nll"] = "hir"
+    label_smoothing: float = 0.2
+    contrastive: losses.ContrastiveKind = "binary"
+    contrastive_eps: float = 0.2
+    contrastive_log_eps: float = losses.RELEASED_LOG_EPS
+    alpha: float = 1.0
+    beta: float = 0.001
+    normalisation: losses.Normalisation = "example"
+    in_batch_score: Literal["mean", "sum"] = "mean"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hir", "nll"):
+            raise ValueError(f"LossConfig.kind must be 'hir' or 'nll', got {self.kind!r}")
+
+    @property
+    def needs_negative(self) -> bool:
+        return self.kind == "hir" and self.contrastive != "none" and self.alpha != 0
+
+
+def nll_loss_config(label_smoothing: float = 0.0, normalisation: str = "example") -> LossConfig:
+    """Plain NLL (SFT / FARL baselines)."""
+    return LossConfig(kind="nll", label_smoothing=label_smoothing, normalisation=normalisation)
+
+
+# --------------------------------------------------------------------------- forward + loss
+
+
+def _pad_to(x: Array, length: int) -> Array:
+    return x if x.shape[1] == length else jnp.pad(x, ((0, 0), (0, length - x.shape[1])))
+
+
+def _logits(
+    model: T5, params: Any, batch: Batch, rng: Array | None, with_negative: bool
+) -> tuple[Array, Array | None]:
+    """Decoder logits under the positive (and negative) instruction, one model call."""
+    enable_dropout = model.config.dropout_rate > 0 and rng is not None
+    rngs = {"dropout": rng} if enable_dropout else None
+    dec = batch[DEC_IN]
+    if not with_negative:
+        out = model.apply(
+            {"params": params}, batch[POS], dec, enable_dropout=enable_dropout, rngs=rngs
+        )
+        return out, None
+    pos, neg = batch[POS], batch[NEG]
+    length = max(pos.shape[1], neg.shape[1])
+    b = pos.shape[0]
+    # Interleave rows (pos_0, neg_0, pos_1, ...): each device keeps its own examples.
+    enc = jnp.stack([_pad_to(pos, length), _pad_to(neg, length)], axis=1).reshape(2 * b, length)
+    dec2 = jnp.repeat(dec, 2, axis=0)
+    out = model.apply({"params": params}, enc, dec2, enable_dropout=enable_dropout, rngs=rngs)
+    out = out.reshape((b, 2) + out.shape[1:])
+    return out[:, 0], out[:, 1]
+
+
+def _loss_from_logits(
+    loss: LossConfig,
+    pos_logits: Array,
+    neg_logits: Array | None,
+    batch: Batch,
+    norms: tuple[Array, Array],
+) -> tuple[Array, Metrics]:
+    targets, weights = batch[TARGETS], batch[WEIGHTS]
+    if loss.kind == "nll":
+        return losses.nll_loss(
+            pos_logits,
+            targets,
+            weights,
+            label_smoothing=loss.label_smoothing,
+            normalisation=loss.normalisation,
+            num_examples=norms[0],
+            num_tokens=norms[1],
+        )
+    return losses.hir_loss(
+        pos_logits,
+        neg_logits,
+        targets,
+        weights,
+        label_smoothing=loss.label_smoothing,
+        contrastive=loss.contrastive,
+        contrastive_eps=loss.contrastive_eps,
+        contrastive_log_eps=loss.contrastive_log_eps,
+        alpha=loss.alpha,
+        beta=loss.beta,
+        normalisation=loss.normalisation,
+        in_batch_score=loss.in_batch_score,
+        positive_is_correct=batch.get(POS_IS_CORRECT),
+        num_examples=norms[0],
+        num_tokens=norms[1],
+    )
+
+
+def _loss(
+    model: T5,
+    loss: LossConfig,
+    params: Any,
+    batch: Batch,
+    rng: Array | None,
+    norms: tuple[Array, Array],
+) -> tuple[Array, Metrics]:
+    pos_logits, neg_logits = _logits(model, params, batch, rng, loss.needs_negative)
+    return _loss_from_logits(loss, pos_logits, neg_logits, batch, norms)
+
+
+def _additive(metrics: Metrics) -> Metrics:
+    """The entries that add up over microbatches: the loss and ``*_sum``/``*_count``."""
+    return {k: v for k, v in metrics.items() if k == "loss" or k.endswith(("_sum", "_count"))}
+
+
+def _batch_keys(batch: Batch, loss: LossConfig) -> list[str]:
+    keys = [POS, DEC_IN, TARGETS, WEIGHTS]
+    if loss.needs_negative:
+        keys.append(NEG)
+    if loss.kind == "hir" and loss.contrastive == "in_batch" and loss.needs_negative:
+        keys.append(POS_IS_CORRECT)
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing} (has {sorted(batch)}) for loss {loss}")
+    return keys
+
+
+def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, Array]:
+    """``[B, ...]`` -> ``[k, B/k, ...]``; microbatch j holds examples ``i*k + j``.
+
+    With the batch split over ``data`` in contiguous blocks, every device then holds
+    ``B/(k*data)`` rows of each microbatch: no data moves between devices.
+    """
+    k = num_microbatches
+    out = {}
+    for key, x in batch.items():
+        b = x.shape[0]
+        if b % k:
+            raise ValueError(f"batch[{key!r}] has {b} examples, not divisible by {k} microbatches")
+        out[key] = x.reshape((b // k, k) + x.shape[1:]).swapaxes(0, 1)
+    return out
+
+
+def compute_gradients(
+    model: T5,
+    params: Any,
+    batch: Batch,
+    rng: Array | None,
+    *,
+    loss: LossConfig,
+    num_microbatches: int = 1,
+    partitioner: Partitioner | None = None,
+) -> tuple[Any, Metrics]:
+    """Gradients of the whole-batch loss and the summed (additive) metrics.
+
+    Traceable (call under ``jit``). With ``num_microbatches = k > 1`` the batch is split
+    by ``split_microbatches`` and the k gradients are summed in a ``lax.scan``; each
+    microbatch's loss is normalised by the whole batch's counts, so the sum equals the
+    one-batch gradient. ``rng`` (a typed key or None for no dropout) is folded with the
+    microbatch index. Returned metrics hold ``loss`` and ``*_sum``/``*_count`` pairs;
+    ``losses.finalize_metrics`` turns them into means.
+    """
+    keys = _batch_keys(batch, loss)
+    batch = {k: batch[k] for k in keys}
+    norms = losses.normalisers(batch[WEIGHTS])
+
+    def loss_fn(p: Any, mb: Batch, key: Array | None) -> tuple[Array, Metrics]:
+        value, metrics = _loss(model, loss, p, mb, key, norms)
+        return value, _additive(metrics)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    if num_microbatches == 1:
+        (_, metrics), grads = grad_fn(params, batch, rng)
+        return grads, metrics
+
+    mbs = split_microbatches(batch, num_microbatches)
+    if partitioner is not None:
+        mb_size = next(iter(mbs.values())).shape[1]
+        if mb_size % partitioner.data_size:
+            raise PartitioningError(
+                f"microbatch size {mb_size} (batch / {num_microbatches}) is not divisible by "
+                f"mesh axis 'data' of size {partitioner.data_size} (mesh "
+                f"{dict(partitioner.mesh.shape)}); use fewer microbatches or a larger batch"
+            )
+        mbs = jax.lax.with_sharding_constraint(
+            mbs, NamedSharding(partitioner.mesh, PartitionSpec(None, "data"))
+        )
+    first = {k: v[0] for k, v in mbs.items()}
+    metric_shapes = jax.eval_shape(lambda: loss_fn(params, first, rng)[1])
+    zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
+    zeros_g = jax.tree.map(jnp.zeros_like, params)
+    if partitioner is not None:
+        zeros_g = jax.lax.with_sharding_constraint(
+            zeros_g, partitioner.param_shardings(model.config)
+        )
+
+    def body(carry: tuple[Any, Metrics], xs: tuple[Batch, Array]) -> tuple[Any, None]:
+        g_acc, m_acc = carry
+        mb, i = xs
+        key = None if rng is None else jax.random.fold_in(rng, i)
+        (_, m), g = grad_fn(params, mb, key)
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
+
+    (grads, metrics), _ = jax.lax.scan(
+        body, (zeros_g, zeros_m), (mbs, jnp.arange(num_microbatches))
+    )
+    return grads, metrics
+
+
+def _finalize(metrics: Metrics) -> Metrics:
+    out = dict(losses.finalize_metrics(metrics))
+    out["loss"] = metrics["loss"]
+    out["num_examples"] = metrics.get("contrastive_count", jnp.float32(0))
+    out["num_tokens"] = metrics.get("token_accuracy_count", jnp.float32(0))
+    return out
+
+
+# --------------------------------------------------------------------------- state creation
+
+
+def train_state_shardings(
+    config: T5Config, optimizer: Optimizer, partitioner: Partitioner
+) -> TrainState:
+    """A ``TrainState`` of ``NamedSharding``s (jit in/out shardings, orbax restore targets)."""
+    params_sh = partitioner.param_shardings(config)
+    opt_sh = partitioner.opt_state_shardings(optimizer.tx, config)
+    rep = partitioner.replicated
+    return TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep)
+
+
+def abstract_train_state(
+    config: T5Config, optimizer: Optimizer, partitioner: Partitioner
+) -> TrainState:
+    """``ShapeDtypeStruct``s with shardings for every state leaf (no memory allocated)."""
+    shapes = param_shapes(config)
+
+    def build(params: Any) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=optimizer.tx.init(params),
+            rng=jax.random.key_data(jax.random.key(0)),
+        )
+
+    abstract = jax.eval_shape(build, shapes)
+    shardings = train_state_shardings(config, optimizer, partitioner)
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+
+def create_train_state(
+    config: T5Config,
+    params: Any,
+    optimizer: Optimizer,
+    partitioner: Partitioner,
+    rng: Array,
+) -> TrainState:
+    """A sharded ``TrainState`` at step 0: ``params`` placed on the mesh, optimizer state
+    initialised directly in its sharded layout (never materialised on one device)."""
+    shardings = train_state_shardings(config, optimizer, partitioner)
+    params = jax.device_put(params, shardings.params)
+    rng_data = jax.device_put(_key_data(rng), partitioner.replicated)
+
+    def init(p: Any, r: Array) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.tx.init(p), rng=r
+        )
+
+    return jax.jit(init, out_shardings=shardings)(params, rng_data)
+
+
+# --------------------------------------------------------------------------- train step
+
+
+def make_train_step(
+    model: T5,
+    optimizer: Optimizer,
+    partitioner: Partitioner,
+    *,
+    loss: LossConfig | None = None,
+    num_microbatches: int = 1,
+    donate: bool = True,
+) -> ShardedStep:
+    """The jitted train step ``(state, batch) -> (new_state, metrics)``.
+
+    In/out shardings come from the partitioner (state per ``train_state_shardings``,
+    batch leading dim over ``data``, metrics replicated); the state argument is donated
+    (``donate_argnums=0``), so do not reuse it after the call. Shapes are static: a new
+    batch of the same shapes does not recompile. Dropout is on when
+    ``model.config.dropout_rate > 0``, keyed by ``fold_in(state.rng, state.step)``.
+
+    Metrics (scalars): ``loss``, ``nll``, ``contrastive``, ``entropy``, ``token_accuracy``,
+    ``grad_norm``, ``learning_rate`` (the rate applied by this step), ``num_examples``,
+    ``num_tokens``.
+    """
+    loss = LossConfig() if loss is None else loss
+    if num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
+    config = model.config
+    state_sh = train_state_shardings(config, optimizer, partitioner)
+
+    def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        with partitioner.context():
+            rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+            grads, summed = compute_gradients(
+                model,
+                state.params,
+                batch,
+                rng,
+                loss=loss,
+                num_microbatches=num_microbatches,
+                partitioner=partitioner,
+            )
+            updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            metrics = _finalize(summed)
+            metrics["grad_norm"] = optax.tree.norm(grads)
+            metrics["learning_rate"] = jnp.asarray(optimizer.learning_rate(state.step), jnp.float32)
+            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new_state, metrics
+
+    jitted = jax.jit(
+        step_fn,
+        in_shardings=(state_sh, partitioner.batch_sharding),
+        out_shardings=(state_sh, partitioner.replicated),
+        donate_argnums=(0,) if donate else (),
+    )
+    return ShardedStep(jitted, partitioner, loss)
+
+
+class ShardedStep:
+    """A jitted function whose calls first keep the batch keys it needs and put them on
+    the mesh (``shard_batch``).
+
+    Host (numpy) and device arrays then reach the compiled function with the same
+    sharding, and extra batch entries (metadata, unused inputs) are ignored, so neither
+    changes the compiled signature. ``lower`` (ahead-of-time compilation on abstract
+    shapes) and ``jitted`` expose the underlying ``jax.jit`` object.
+    """
+
+    def __init__(self, jitted: Any, partitioner: Partitioner, loss: LossConfig) -> None:
+        self.jitted = jitted
+        self.partitioner = partitioner
+        self.loss = loss
+
+    def _inputs(self, batch: Batch) -> dict[str, Any]:
+        return {k: batch[k] for k in _batch_keys(batch, self.loss)}
+
+    def __call__(self, first: Any, batch: Batch) -> Any:
+        return self.jitted(first, self.partitioner.shard_batch(self._inputs(batch)))
+
+    def lower(self, first: Any, batch: Batch) -> Any:
+        """``jax.jit(...).lower``; accepts ``ShapeDtypeStruct``s (``abstract_train_state``)."""
+        return self.jitted.lower(first, self._inputs(batch))
+
+    def cache_size(self) -> int:
+        """Number of compiled versions held (1 after any number of same-shape calls)."""
+        return self.jitted._cache_size()
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def make_eval_step(
+    model: T5, partitioner: Partitioner, *, loss: LossConfig | None = None
+) -> ShardedStep:
+    """Jitted ``(params, batch) -> metrics`` without dropout or gradients.
+
+    Returns additive entries (sum them over batches, then ``summarize_eval``): the loss
+    terms' ``*_sum``/``*_count`` pairs, and for plain NLL under the positive instruction
+    ``ll_sum``/``ll_count`` (token log-likelihood, token count) and
+    ``example_nll_sum``/``example_nll_count`` (sum of per-example mean token NLL, number
+    of examples; the released code's perplexity is ``exp`` of their ratio).
+    """
+    loss = LossConfig() if loss is None else loss
+    params_sh = partitioner.param_shardings(model.config)
+
+    def eval_fn(params: Any, b: Batch) -> Metrics:
+        with partitioner.context():
+            norms = losses.normalisers(b[WEIGHTS])
+            pos_logits, neg_logits = _logits(model, params, b, None, loss.needs_negative)
+            targets, weights = b[TARGETS], b[WEIGHTS]
+            _, metrics = _loss_from_logits(loss, pos_logits, neg_logits, b, norms)
+            out = _additive(metrics)
+            ll = losses.sequence_log_likelihood(pos_logits, targets, weights)
+            n = jnp.sum(jnp.asarray(weights, jnp.float32), -1)
+            out["ll_sum"], out["ll_count"] = jnp.sum(ll), jnp.sum(n)
+            out["example_nll_sum"] = jnp.sum(jnp.where(n > 0, -ll / jnp.where(n > 0, n, 1.0), 0.0))
+            out["example_nll_count"] = jnp.sum(n > 0).astype(jnp.float32)
+        return out
+
+    jitted = jax.jit(
+        eval_fn,
+        in_shardings=(params_sh, partitioner.batch_sharding),
+        out_shardings=partitioner.replicated,
+    )
+    return ShardedStep(jitted, partitioner, loss)
+
+
+def summarize_eval(metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Sum additive eval metrics over batches; means plus ``perplexity`` (released code:
+    exp of the mean over examples of their mean token NLL) and ``token_perplexity``
+    (exp of total NLL / total tokens)."""
+    totals: dict[str, float] = {}
+    for m in metrics:
+        for k, v in jax.device_get(dict(m)).items():
+            totals[k] = totals.get(k, 0.0) + float(np.asarray(v))
+    out = {k: float(v) for k, v in losses.finalize_metrics(totals).items()}
+    ex_n, tok_n = totals.get("example_nll_count", 0.0), totals.get("ll_count", 0.0)
+    out["perplexity"] = float(np.exp(totals["example_nll_sum"] / ex_n)) if ex_n else float("nan")
+    out["token_perplexity"] = float(np.exp(-totals["ll_sum"] / tok_n)) if tok_n else float("nan")
+    return out
+
+
+def make_score_fn(model: T5, partitioner: Partitioner) -> ShardedStep:
+    """Jitted ``(params, batch) -> (log_likelihood [B], num_tokens [B])`` under the
+    positive instruction (``encoder_pos_tokens``): log p(target | input) per example."""
+    params_sh = partitioner.param_shardings(model.config)
+
+    def score(params: Any, batch: Batch) -> tuple[Array, Array]:
+        with partitioner.context():
+            logits = model.apply({"params": params}, batch[POS], batch[DEC_IN])
+            ll = losses.sequence_log_likelihood(logits, batch[TARGETS], batch[WEIGHTS])
+            n = jnp.sum(jnp.asarray(batch[WEIGHTS], jnp.float32), -1)
+        return ll, n
+
+    jitted = jax.jit(
+        score,
+        in_shardings=(params_sh, partitioner.batch_sharding),
+        out_shardings=partitioner.batch_sharding,
+    )
+    return ShardedStep(jitted, partitioner, nll_loss_config())

@@ -1,0 +1,470 @@
+"""Train step: accumulation equality, HF PyTorch parity, 8-device vs 1-device, no recompiles."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from hir_jax import losses, train
+from hir_jax import partitioning as part
+from hir_jax.model.configs import get_config
+from hir_jax.model.t5 import T5, init_params
+
+TINY = get_config("tiny")
+
+
+def _one_device() -> part.Partitioner:
+    return part.make_partitioner(1, 1, devices=jax.devices()[:1])
+
+
+def _init(config, seed=0):
+    return jax.jit(lambda r: init_params(config, r))(jax.random.key(seed))
+
+
+def hir_batch(seed: int, vocab: int, b: int = 8, enc_len: int = 12, dec_len: int = 7) -> dict:
+    """A batch with padding in both encoders and the decoder, and one all-padding row."""
+    rng = np.random.default_rng(seed)
+    pos = rng.integers(2, vocab, (b, enc_len)).astype(np.int32)
+    neg = rng.integers(2, vocab, (b, enc_len)).astype(np.int32)
+    tgt = rng.integers(2, vocab, (b, dec_len)).astype(np.int32)
+    w = np.ones((b, dec_len), np.float32)
+    for i in range(1, b):
+        pos[i, enc_len - i :] = 0
+        neg[i, enc_len - (i + 1) // 2 :] = 0
+        w[i, max(1, dec_len - i) :] = 0
+    w[b - 1] = 0  # an example with no target tokens (a padding row)
+    tgt[w == 0] = 0
+    dec = np.concatenate([np.zeros((b, 1), np.int32), tgt[:, :-1]], 1)
+    return {
+        "encoder_pos_tokens": pos,
+        "encoder_neg_tokens": neg,
+        "decoder_input_tokens": dec,
+        "decoder_target_tokens": tgt,
+        "decoder_loss_weights": w,
+        "positive_is_correct": (np.arange(b) % 3 == 0),
+    }
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _max_tree_rel(a, b) -> float:
+    return max(jax.tree.leaves(jax.tree.map(_rel, jax.device_get(a), jax.device_get(b))))
+
+
+# --------------------------------------------------------------------------- accumulation
+
+
+def test_hir_loss_wiring_and_microbatch_accumulation():
+    """The interleaved pos/neg forward gives the loss of two separate model calls, and
+    4 microbatches give the gradient of the whole batch (example-normalised HIR loss)."""
+    params = _init(TINY, 1)
+    batch = hir_batch(1, TINY.vocab_size)
+    cfg = train.LossConfig()
+    model = T5(TINY)
+
+    @jax.jit
+    def one_batch(params, batch):
+        grads, metrics = train.compute_gradients(model, params, batch, None, loss=cfg)
+        dec = batch["decoder_input_tokens"]
+        pos = model.apply({"params": params}, batch["encoder_pos_tokens"], dec)
+        neg = model.apply({"params": params}, batch["encoder_neg_tokens"], dec)
+        _, ref = losses.hir_loss(
+            pos, neg, batch["decoder_target_tokens"], batch["decoder_loss_weights"]
+        )
+        return grads, metrics, ref
+
+    accumulated = jax.jit(
+        lambda p, b: train.compute_gradients(model, p, b, None, loss=cfg, num_microbatches=4)
+    )
+    g1, m1, ref = one_batch(params, batch)
+    g4, m4 = accumulated(params, batch)
+    assert float(ref["contrastive"]) > 0.1 and float(optax.tree.norm(g1)) > 0.1
+    for key in ("loss", "nll_sum", "contrastive_sum", "entropy_sum", "token_accuracy_sum"):
+        np.testing.assert_allclose(m1[key], ref[key], rtol=2e-6, err_msg=key)
+    assert _max_tree_rel(g4, g1) <= 1e-5
+    for key in m1:
+        np.testing.assert_allclose(m4[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_nll_token_normalised_accumulation_equals_one_batch():
+    """Token normalisation over microbatches of unequal token counts (the case a
+    per-microbatch mean gets wrong)."""
+    params = _init(TINY, 2)
+    batch = hir_batch(2, TINY.vocab_size)
+    cfg = train.nll_loss_config(label_smoothing=0.1, normalisation="token")
+    model = T5(TINY)
+    fn = jax.jit(
+        lambda p, b, k: train.compute_gradients(model, p, b, None, loss=cfg, num_microbatches=k),
+        static_argnums=2,
+    )
+    (g1, m1), (g2, m2) = fn(params, batch, 1), fn(params, batch, 2)
+    assert _max_tree_rel(g2, g1) <= 1e-5
+    for key in m1:
+        np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # Normalising each microbatch by its own token count would not match.
+    counts = [batch["decoder_loss_weights"][j::2].sum() for j in range(2)]
+    assert counts[0] != counts[1]
+
+
+# --------------------------------------------------------------------------- HF parity
+
+LR, WD, EPS = 1e-2, 0.1, 1e-6
+HF_CONFIG = dict(
+    vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_heads=4, num_layers=2, num_decoder_layers=2,
+    feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+    decoder_start_token_id=0,
+)  # fmt: skip
+
+
+def _hf_names(config) -> dict[str, tuple[str, bool]]:
+    """HF parameter name -> (our path, HF tensor is the transpose of ours)."""
+    names = {
+        "shared.weight": ("token_embedder/embedding", False),
+        "lm_head.weight": ("decoder/logits_dense/kernel", True),
+    }
+    attn = {"q": "query", "k": "key", "v": "value", "o": "out"}
+    for stack, n in (
+        ("encoder", config.num_encoder_layers),
+        ("decoder", config.num_decoder_layers),
+    ):
+        names[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
+            f"{stack}/relpos_bias/rel_embedding",
+            True,
+        )
+        names[f"{stack}.final_layer_norm.weight"] = (f"{stack}/{stack}_norm/scale", False)
+        subs = [("SelfAttention", "attention", "pre_attention_layer_norm")]
+        if stack == "decoder":
+            subs = [
+                ("SelfAttention", "self_attention", "pre_self_attention_layer_norm"),
+                ("EncDecAttention", "encoder_decoder_attention", "pre_cross_attention_layer_norm"),
+            ]
+        for i in range(n):
+            ours, hf = f"{stack}/layers_{i}", f"{stack}.block.{i}.layer"
+            for j, (hf_mod, mod, norm) in enumerate(subs):
+                names[f"{hf}.{j}.layer_norm.weight"] = (f"{ours}/{norm}/scale", False)
+                for a, b in attn.items():
+                    names[f"{hf}.{j}.{hf_mod}.{a}.weight"] = (f"{ours}/{mod}/{b}/kernel", True)
+            j = len(subs)
+            names[f"{hf}.{j}.layer_norm.weight"] = (f"{ours}/pre_mlp_layer_norm/scale", False)
+            for w in ("wi_0", "wi_1", "wo"):
+                names[f"{hf}.{j}.DenseReluDense.{w}.weight"] = (f"{ours}/mlp/{w}/kernel", True)
+    return names
+
+
+def _get(tree, path):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree
+
+
+def _to_ours(named: dict[str, np.ndarray], config) -> dict:
+    """HF tensors (weights or gradients) -> our parameter tree."""
+    tree: dict = {}
+    for hf_name, (ours, transpose) in _hf_names(config).items():
+        *parents, leaf = ours.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        arr = np.asarray(named[hf_name], np.float32)
+        node[leaf] = np.ascontiguousarray(arr.T) if transpose else arr
+    return tree
+
+
+def _load_checkpoint(path, hf_model):
+    """Our (config, params) of an HF checkpoint: ``load_hf`` when it exists, else ours."""
+    try:
+        from hir_jax.checkpoints.hf import load_hf
+    except ImportError:
+        load_hf = None
+    if load_hf is not None:
+        return load_hf(path)
+    from hir_jax.model.configs import T5Config
+
+    c = hf_model.config
+    config = T5Config(
+        vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff,
+        num_heads=c.num_heads, num_encoder_layers=c.num_layers,
+        num_decoder_layers=c.num_decoder_layers, feed_forward_proj=c.feed_forward_proj,
+        tie_word_embeddings=c.tie_word_embeddings,
+    )  # fmt: skip
+    named = {n: p.detach().numpy() for n, p in hf_model.named_parameters()}
+    return config, _to_ours(named, config)
+
+
+def _nll_batch(
+    seed: int, vocab: int = 128, b: int = 4, enc_len: int = 10, dec_len: int = 7
+) -> dict:
+    full = hir_batch(seed, vocab, b, enc_len, dec_len)
+    return {k: v for k, v in full.items() if k not in ("encoder_neg_tokens", "positive_is_correct")}
+
+
+def _torch_loss(model, batch):
+    import torch
+
+    enc = torch.from_numpy(batch["encoder_pos_tokens"].astype(np.int64))
+    labels = np.where(batch["decoder_loss_weights"] > 0, batch["decoder_target_tokens"], -100)
+    out = model(
+        input_ids=enc,
+        attention_mask=(enc != 0).long(),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+    )
+    return out.loss
+
+
+def _no_bias_correction_adam(eps: float) -> optax.GradientTransformation:
+    def init(params):
+        return (jax.tree.map(jnp.zeros_like, params), jax.tree.map(jnp.zeros_like, params))
+
+    def update(g, state, params=None):
+        m = jax.tree.map(lambda m, g: 0.9 * m + 0.1 * g, state[0], g)
+        v = jax.tree.map(lambda v, g: 0.999 * v + 0.001 * g * g, state[1], g)
+        return jax.tree.map(lambda m, v: m / (jnp.sqrt(v) + eps), m, v), (m, v)
+
+    return optax.GradientTransformation(init, update)
+
+
+def test_training_matches_hf_pytorch(tmp_path):
+    os.environ.setdefault("USE_TF", "0")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**HF_CONFIG)).eval()
+    with torch.no_grad():  # distinctive norms and position tables, so that swaps show
+        for name, p in hf.named_parameters():
+            if "layer_norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif "relative_attention_bias" in name:
+                p.normal_(0.0, 1.0)
+    hf.save_pretrained(str(tmp_path))
+    config, params = _load_checkpoint(tmp_path, hf)
+    config = config.replace(dropout_rate=0.0)
+    params = jax.tree.map(jnp.asarray, params)
+    model = T5(config)
+    loss_cfg = train.nll_loss_config(normalisation="token")  # HF: mean over non-pad tokens
+    batches = [_nll_batch(s) for s in range(3)]
+
+    # 1. Gradients of the same loss match torch autograd.
+    grad_fn = jax.jit(lambda p, b: train.compute_gradients(model, p, b, None, loss=loss_cfg))
+    grads, metrics = grad_fn(params, batches[0])
+    hf.zero_grad()
+    hf_loss = _torch_loss(hf, batches[0])
+    hf_loss.backward()
+    np.testing.assert_allclose(float(metrics["loss"]), float(hf_loss.detach()), rtol=1e-5)
+    hf_grads = _to_ours({n: p.grad.numpy() for n, p in hf.named_parameters()}, config)
+    assert _max_tree_rel(grads, hf_grads) <= 1e-4
+
+    # 2. A few AdamW steps (decoupled decay, norms exempt as in the released code).
+    hf_run = transformers.T5ForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+    named = list(hf_run.named_parameters())
+    groups = [
+        {"params": [p for n, p in named if "layer_norm.weight" not in n], "weight_decay": WD},
+        {"params": [p for n, p in named if "layer_norm.weight" in n], "weight_decay": 0.0},
+    ]
+    torch_opt = torch.optim.AdamW(groups, lr=LR, eps=EPS)
+    step_grads = []
+    for b in batches:
+        torch_opt.zero_grad()
+        _torch_loss(hf_run, b).backward()
+        step_grads.append(_to_ours({n: p.grad.numpy().copy() for n, p in named}, config))
+        torch_opt.step()
+    torch_params = _to_ours({n: p.detach().numpy() for n, p in named}, config)
+    # Where a gradient is near 0, Adam's update is sign-like and amplifies rounding noise.
+    min_grad = jax.tree.map(lambda *g: np.min(np.abs(np.stack(g)), 0), *step_grads)
+
+    def error(final) -> float:
+        """Max |our update - torch update| over well-conditioned entries, in units of lr."""
+        errs = jax.tree.map(
+            lambda f, t, p0, g: np.max(np.abs((f - p0) - (t - p0))[g > 1e-5], initial=0.0) / LR,
+            jax.device_get(final), torch_params, jax.device_get(params), min_grad,
+        )  # fmt: skip
+        return max(jax.tree.leaves(errs))
+
+    p1 = _one_device()
+    opt = train.make_optimizer(learning_rate=LR, weight_decay=WD, eps=EPS)
+    state = train.create_train_state(config, params, opt, p1, jax.random.key(0))
+    step = train.make_train_step(model, opt, p1, loss=loss_cfg)
+    for b in batches:
+        state, m = step(state, b)
+    assert int(state.step) == 3 and float(m["learning_rate"]) == pytest.approx(LR)
+    tol = 0.03
+    assert error(state.params) < tol
+
+    # 3. The tolerance is tight enough to catch the usual AdamW mistakes.
+    mask = train._decay_mask(False)
+    wrong = {
+        "eps inside the sqrt": optax.adamw(LR, eps=0.0, eps_root=EPS, weight_decay=WD, mask=mask),
+        "default eps 1e-8": optax.adamw(LR, eps=1e-8, weight_decay=WD, mask=mask),
+        "no weight decay": optax.adamw(LR, eps=EPS, weight_decay=0.0),
+        "decay on norms": optax.adamw(LR, eps=EPS, weight_decay=WD),
+        "coupled L2": optax.chain(optax.add_decayed_weights(WD, mask), optax.adam(LR, eps=EPS)),
+        "no bias correction": optax.chain(
+            _no_bias_correction_adam(EPS), optax.add_decayed_weights(WD, mask), optax.scale(-LR)
+        ),
+    }
+    for what, tx in wrong.items():
+        p, opt_state, update = params, tx.init(params), jax.jit(tx.update)
+        for b in batches:
+            g, _ = grad_fn(p, b)
+            u, opt_state = update(g, opt_state, p)
+            p = optax.apply_updates(p, u)
+        assert error(p) > 3 * tol, what
+
+
+# --------------------------------------------------------------------------- devices
+
+# One layer per stack keeps the compile time of the dropout (RNG) programs down.
+DROPOUT_CFG = TINY.replace(num_encoder_layers=1, num_decoder_layers=1, dropout_rate=0.1)
+
+
+@pytest.fixture(scope="module")
+def eight_device_step():
+    """A jitted HIR step with dropout and 2 microbatches on a (data=4, model=2) mesh."""
+    p8 = part.make_partitioner(4, 2)
+    opt = train.make_optimizer(learning_rate=1e-3)
+    step = train.make_train_step(T5(DROPOUT_CFG), opt, p8, num_microbatches=2)
+    return p8, opt, step
+
+
+def test_eight_devices_match_one_device(eight_device_step):
+    p8, opt, step8 = eight_device_step
+    config = DROPOUT_CFG
+    params = _init(config, 2)
+    batches = [hir_batch(s, config.vocab_size) for s in (3, 4)]
+    p1 = _one_device()
+    step1 = train.make_train_step(T5(config), opt, p1, num_microbatches=2)
+    runs = {}
+    for name, p, step in (("8", p8, step8), ("1", p1, step1)):
+        state = train.create_train_state(config, params, opt, p, jax.random.key(5))
+        metrics = []
+        for b in batches:
+            state, m = step(state, b)
+            metrics.append(jax.device_get(m))
+        runs[name] = (jax.device_get(state), metrics)
+    (s8, m8), (s1, m1) = runs["8"], runs["1"]
+    # Same dropout masks, gradients and updates: the metrics of the second step already
+    # reflect the first update.
+    for a, b in zip(m8, m1, strict=True):
+        for key in a:
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert m8[1]["loss"] != m8[0]["loss"]
+    assert int(s8.step) == int(s1.step) == 2
+    assert _max_tree_rel(s8.params, s1.params) < 1e-6
+    # Updates agree to rounding, except where a near-zero gradient makes Adam sign-like.
+    delta8 = jax.tree.map(np.subtract, s8.params, jax.device_get(params))
+    delta1 = jax.tree.map(np.subtract, s1.params, jax.device_get(params))
+    close = jax.tree.map(lambda a, b: np.mean(np.abs(a - b) < 1e-6), delta8, delta1)
+    assert min(jax.tree.leaves(close)) > 0.99
+    assert _max_tree_rel(s8.opt_state, s1.opt_state) < 1e-4
+
+
+def test_no_recompilation_for_new_data_of_the_same_shapes(eight_device_step):
+    p8, opt, step = eight_device_step
+    compiles = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(event)
+
+    state = train.create_train_state(DROPOUT_CFG, _init(DROPOUT_CFG, 3), opt, p8, jax.random.key(0))
+    state, _ = step(state, hir_batch(10, DROPOUT_CFG.vocab_size))
+    size = step.cache_size()
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        for seed in (11, 12, 13):  # new data: host numpy, then already sharded, then numpy
+            batch = hir_batch(seed, DROPOUT_CFG.vocab_size)
+            if seed == 12:
+                batch = p8.shard_batch(batch)
+            if seed == 13:  # entries the step does not use change nothing
+                batch["task_name"] = ["object_counting"] * 8
+            state, m = step(state, batch)
+        jax.block_until_ready(m)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == [] and step.cache_size() == size == 1
+    assert int(state.step) == 4
+
+
+def test_bf16_adafactor_fsdp_in_batch_step_runs():
+    """bf16 activations with fp32 parameters; Adafactor state sharded under FSDP rules;
+    the paper's in-batch contrastive term."""
+    config = TINY.replace(dtype="bfloat16")
+    p = part.make_partitioner(4, 2, fsdp=True)
+    opt = train.make_optimizer("adafactor", learning_rate=1e-2)
+    state = train.create_train_state(config, _init(config, 4), opt, p, jax.random.key(0))
+    loss = train.LossConfig(contrastive="in_batch")
+    step = train.make_train_step(T5(config), opt, p, loss=loss)
+    batch = hir_batch(5, config.vocab_size)
+    losses_seen, nll = [], []
+    for _ in range(3):
+        state, m = step(state, batch)
+        losses_seen.append(float(m["loss"]))
+        nll.append(float(m["nll"]))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    emb = state.params["token_embedder"]["embedding"]
+    assert tuple(emb.sharding.spec) == ("model", "data")
+    assert all(np.isfinite(losses_seen)) and float(m["contrastive"]) > 0
+    assert losses_seen[-1] < losses_seen[0]  # it learns the repeated batch
+    # Random init: the first NLL is near log(vocab).
+    assert abs(nll[0] - np.log(config.vocab_size)) < 1.0
+
+
+def test_eval_step_and_scores_match_the_model():
+    params = _init(TINY, 6)
+    p = _one_device()
+    batch = hir_batch(6, TINY.vocab_size)
+    model = T5(TINY)
+    ll, n = train.make_score_fn(model, p)(params, batch)
+    logits = jax.jit(model.apply)(
+        {"params": params}, batch["encoder_pos_tokens"], batch["decoder_input_tokens"]
+    )
+    w = batch["decoder_loss_weights"]
+    ref = np.asarray(losses.sequence_log_likelihood(logits, batch["decoder_target_tokens"], w))
+    np.testing.assert_allclose(ll, ref, rtol=1e-5)
+    np.testing.assert_array_equal(n, w.sum(-1))
+    ev = train.make_eval_step(model, p)
+    halves = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
+    summary = train.summarize_eval([ev(params, h) for h in halves])
+    ok = n > 0
+    np.testing.assert_allclose(summary["perplexity"], np.exp(np.mean(-ref[ok] / n[ok])), rtol=1e-5)
+    np.testing.assert_allclose(summary["token_perplexity"], np.exp(-ref.sum() / n.sum()), rtol=1e-5)
+    assert set(summary) >= {"nll", "contrastive", "entropy", "token_accuracy"}
+
+
+def test_optimizer_factory_options():
+    opt = train.make_optimizer()
+    assert float(opt.learning_rate(0)) == pytest.approx(5e-4)
+    assert float(opt.learning_rate(10_000)) == pytest.approx(5e-4)
+    warm = train.make_optimizer(schedule="linear", warmup_steps=10, total_steps=110)
+    assert float(warm.learning_rate(5)) == pytest.approx(2.5e-4)
+    assert float(warm.learning_rate(60)) == pytest.approx(2.5e-4)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        train.make_optimizer("sgd")
+    with pytest.raises(ValueError, match="needs total_steps"):
+        train.make_optimizer(schedule="cosine")
+    clipped = train.make_optimizer(max_grad_norm=1.0)
+    g = {"w": jnp.full((4,), 10.0)}
+    u, _ = clipped.tx.update(g, clipped.tx.init(g), g)
+    np.testing.assert_allclose(u["w"], -5e-4, rtol=1e-4)
+
+
+def test_missing_batch_keys_and_bad_microbatches_are_clear_errors():
+    batch = hir_batch(0, TINY.vocab_size)
+    model = T5(TINY)
+    p8 = part.make_partitioner(4, 2)
+    opt = train.make_optimizer()
+    abstract = train.abstract_train_state(TINY, opt, p8)
+    no_neg = {k: v for k, v in batch.items() if k != "encoder_neg_tokens"}
+    with pytest.raises(KeyError, match="encoder_neg_tokens"):
+        train.make_train_step(model, opt, p8).lower(abstract, no_neg)
+    # Plain NLL needs only the positive encoder input.
+    train.make_train_step(model, opt, p8, loss=train.nll_loss_config()).lower(abstract, no_neg)
+    step = train.make_train_step(model, opt, p8, loss=train.nll_loss_config(), num_microbatches=4)
+    with pytest.raises(part.PartitioningError, match="microbatch size 2"):
+        step.lower(abstract, batch)
