@@ -3,7 +3,7 @@ pass) vs HF transformers ``generate`` batched, and HF one prompt at a time (how 
 released HIR code samples).
 
     python bench/sampling.py [--size small] [--prompts 64] [--inputs 256] [--samples 4]
-                             [--new_tokens 64] [--single_prompts 16]
+                             [--new_tokens 64] [--single_prompts 4]
 
 Random weights, fp32, temperature 1, top-k 50, same machine. New tokens/s counts the
 tokens actually generated (EOS included). The one-prompt-at-a-time rate is measured on
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--inputs", type=int, default=256)
     ap.add_argument("--samples", type=int, default=4)
     ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--single_prompts", type=int, default=16)
+    ap.add_argument("--single_prompts", type=int, default=4)
     args = ap.parse_args()
 
     cfg = get_config(args.size)
