@@ -47,6 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
+    text = re.sub(r"\s*In call to configurable .*$", "", text)  # gin's context suffix
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 

@@ -285,7 +285,7 @@ def analyze(
         key = jax.eval_shape(lambda: jax.random.key(0))
         key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=partitioner.replicated)
         start = time.perf_counter()
-        lowered = decoding._jitted(t5, cfg, partitioner).lower(state.params, enc, key, row_ids)
+        lowered = decoding.generate_fn(t5, cfg, partitioner).lower(state.params, enc, key, row_ids)
         sample_stats = _memory(lowered.compile())
         sample_stats["compile_seconds"] = time.perf_counter() - start
         # In the loop the whole train state stays on the device while sampling.

@@ -174,7 +174,10 @@ def _generate(
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted(model: T5, cfg: SamplingConfig, partitioner: Any = None) -> Any:
+def generate_fn(model: T5, cfg: SamplingConfig, partitioner: Any = None) -> Any:
+    """The ``jax.jit``-ed ``(params, encoder_tokens, rng, row_ids) -> DecodeOutput``
+    behind ``generate`` (cached per model, config and partitioner): ``.lower`` it on
+    abstract shapes to compile ahead of time, ``._cache_size()`` counts compilations."""
     return jax.jit(functools.partial(_generate, model, cfg, partitioner))
 
 
@@ -203,7 +206,7 @@ def generate(
     if partitioner is not None:
         encoder_tokens = jax.device_put(encoder_tokens, partitioner.batch_sharding)
         row_ids = jax.device_put(row_ids, partitioner.batch_sharding)
-    return _jitted(model, cfg, partitioner)(params, encoder_tokens, rng, row_ids)
+    return generate_fn(model, cfg, partitioner)(params, encoder_tokens, rng, row_ids)
 
 
 # --------------------------------------------------------------------------- host-side helpers

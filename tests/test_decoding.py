@@ -135,7 +135,7 @@ def test_samples_differ_and_do_not_depend_on_other_prompts(params):
 
 def test_no_recompilation_for_new_data_in_the_same_bucket(params):
     cfg = SamplingConfig(num_samples=2, max_new_tokens=5)
-    fn = decoding._jitted(MODEL, cfg)
+    fn = decoding.generate_fn(MODEL, cfg)
     decoding.generate(MODEL, params, _prompts(seed=1), jax.random.key(0), cfg)
     size = fn._cache_size()
     decoding.generate(MODEL, params, _prompts(seed=2), jax.random.key(9), cfg)

@@ -10,6 +10,7 @@ import pytest
 
 from hir_jax import losses, train
 from hir_jax import partitioning as part
+from hir_jax.checkpoints import hf_name_map, load_hf, unflatten
 from hir_jax.model.configs import get_config
 from hir_jax.model.t5 import T5, init_params
 
@@ -122,79 +123,13 @@ HF_CONFIG = dict(
 )  # fmt: skip
 
 
-def _hf_names(config) -> dict[str, tuple[str, bool]]:
-    """HF parameter name -> (our path, HF tensor is the transpose of ours)."""
-    names = {
-        "shared.weight": ("token_embedder/embedding", False),
-        "lm_head.weight": ("decoder/logits_dense/kernel", True),
-    }
-    attn = {"q": "query", "k": "key", "v": "value", "o": "out"}
-    for stack, n in (
-        ("encoder", config.num_encoder_layers),
-        ("decoder", config.num_decoder_layers),
-    ):
-        names[f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"] = (
-            f"{stack}/relpos_bias/rel_embedding",
-            True,
-        )
-        names[f"{stack}.final_layer_norm.weight"] = (f"{stack}/{stack}_norm/scale", False)
-        subs = [("SelfAttention", "attention", "pre_attention_layer_norm")]
-        if stack == "decoder":
-            subs = [
-                ("SelfAttention", "self_attention", "pre_self_attention_layer_norm"),
-                ("EncDecAttention", "encoder_decoder_attention", "pre_cross_attention_layer_norm"),
-            ]
-        for i in range(n):
-            ours, hf = f"{stack}/layers_{i}", f"{stack}.block.{i}.layer"
-            for j, (hf_mod, mod, norm) in enumerate(subs):
-                names[f"{hf}.{j}.layer_norm.weight"] = (f"{ours}/{norm}/scale", False)
-                for a, b in attn.items():
-                    names[f"{hf}.{j}.{hf_mod}.{a}.weight"] = (f"{ours}/{mod}/{b}/kernel", True)
-            j = len(subs)
-            names[f"{hf}.{j}.layer_norm.weight"] = (f"{ours}/pre_mlp_layer_norm/scale", False)
-            for w in ("wi_0", "wi_1", "wo"):
-                names[f"{hf}.{j}.DenseReluDense.{w}.weight"] = (f"{ours}/mlp/{w}/kernel", True)
-    return names
-
-
-def _get(tree, path):
-    for key in path.split("/"):
-        tree = tree[key]
-    return tree
-
-
 def _to_ours(named: dict[str, np.ndarray], config) -> dict:
-    """HF tensors (weights or gradients) -> our parameter tree."""
-    tree: dict = {}
-    for hf_name, (ours, transpose) in _hf_names(config).items():
-        *parents, leaf = ours.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
+    """HF tensors (weights or gradients) -> our parameter tree, by the loader's name map."""
+    flat = {}
+    for ours, (hf_name, transpose) in hf_name_map(config).items():
         arr = np.asarray(named[hf_name], np.float32)
-        node[leaf] = np.ascontiguousarray(arr.T) if transpose else arr
-    return tree
-
-
-def _load_checkpoint(path, hf_model):
-    """Our (config, params) of an HF checkpoint: ``load_hf`` when it exists, else ours."""
-    try:
-        from hir_jax.checkpoints.hf import load_hf
-    except ImportError:
-        load_hf = None
-    if load_hf is not None:
-        return load_hf(path)
-    from hir_jax.model.configs import T5Config
-
-    c = hf_model.config
-    config = T5Config(
-        vocab_size=c.vocab_size, d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff,
-        num_heads=c.num_heads, num_encoder_layers=c.num_layers,
-        num_decoder_layers=c.num_decoder_layers, feed_forward_proj=c.feed_forward_proj,
-        tie_word_embeddings=c.tie_word_embeddings,
-    )  # fmt: skip
-    named = {n: p.detach().numpy() for n, p in hf_model.named_parameters()}
-    return config, _to_ours(named, config)
+        flat[ours] = np.ascontiguousarray(arr.T) if transpose else arr
+    return unflatten(flat)
 
 
 def _nll_batch(
@@ -243,7 +178,7 @@ def test_training_matches_hf_pytorch(tmp_path):
             elif "relative_attention_bias" in name:
                 p.normal_(0.0, 1.0)
     hf.save_pretrained(str(tmp_path))
-    config, params = _load_checkpoint(tmp_path, hf)
+    config, params = load_hf(tmp_path)
     config = config.replace(dropout_rate=0.0)
     params = jax.tree.map(jnp.asarray, params)
     model = T5(config)

@@ -96,7 +96,12 @@ class RelativePositionBias(nn.Module):
         else:
             full = jnp.asarray(_bucket_table(k_len, k_len, *args))
             buckets = jax.lax.dynamic_slice_in_dim(full, q_offset, q_len, axis=0)
-        bias = jnp.take(table, buckets, axis=1)  # [heads, q, k]
+        # A one-hot matmul rather than a gather: its gradient is a matmul too, where a
+        # gather's is a scatter-add (slow on CPU).
+        one_hot = jax.nn.one_hot(buckets, cfg.relative_attention_num_buckets, dtype=table.dtype)
+        bias = jnp.einsum(  # [heads, q, k]; exact: TPUs default to bf16 passes for fp32
+            "qkn,hn->hqk", one_hot, table, precision=jax.lax.Precision.HIGHEST
+        )
         return bias[None].astype(jnp.float32)
 
 
