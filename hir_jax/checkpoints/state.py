@@ -56,7 +56,8 @@ class StateCheckpointer:
         return dict(out["loop"])
 
     def restore_state(self, ckpt_id: int, abstract_state: Any) -> Any:
-        """The train state, placed with the shardings of ``abstract_state``'s leaves."""
+        """The train state, placed with the shardings of ``abstract_state``'s leaves
+        (``None``: as saved, on the host)."""
         out = self.manager.restore(
             ckpt_id, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
         )
