@@ -43,6 +43,7 @@ import numpy as np
 
 from hir_jax.model.configs import DECODER_START_ID, EOS_ID, PAD_ID
 from tasks.instructions import CORRECT, CORRECT_RELABEL_RELEASED, WRONG, prompt
+from tasks.metrics import normalize
 
 RelabelInstruction = Literal["released", "paper"]
 Overflow = Literal["error", "truncate"]
@@ -132,11 +133,6 @@ def _norm_output(text: str) -> str:
     return text.replace(" ", "").replace(".", "").lower()
 
 
-def _norm_gold(text: str) -> str:
-    # The released code's normalisation of the gold answer ("\n" treated as a space).
-    return str(text).lower().replace("\n", " ").replace(" ", "").replace(".", "")
-
-
 def relabel(
     query: str,
     output: Sequence[int] | np.ndarray,
@@ -165,7 +161,7 @@ def relabel(
     effective, swapped, partial = bool(correct), False, False
     if end < length:
         head = _norm_output(detokenize(tokens[:end].tolist()))
-        gold_n = _norm_gold(gold)
+        gold_n = normalize(gold)  # the task metric's normalisation
         if head in gold_n:
             partial = head != gold_n
             swapped = not effective
