@@ -482,7 +482,7 @@ def _model_from_gin(args: argparse.Namespace) -> tuple[Any, str]:
                 "set INITIAL_CHECKPOINT to an HF directory, or pass --size"
             )
         from hir_jax.checkpoints.hf import CONFIG_NAME, config_from_hf
-        from hir_jax.checkpoints.paths import as_path, read_json
+        from hir_jax.paths import as_path, read_json
 
         config = config_from_hf(read_json(as_path(ckpt) / CONFIG_NAME), f"{ckpt}/{CONFIG_NAME}")
         name = os.path.basename(str(ckpt).rstrip("/")) or "model"

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from hir_jax.checkpoints import find_vocabulary, load_checkpoint, save_hf, save_t5x
-from hir_jax.checkpoints.paths import as_path
 from hir_jax.checkpoints.state import StateCheckpointer
 from hir_jax.model.configs import T5Config
+from hir_jax.paths import as_path
 
 
 def is_model_dir(path: str) -> bool:

@@ -34,11 +34,11 @@ import numpy as np
 
 from hir_jax import decoding, feedback, metrics_log, relabel
 from hir_jax.checkpoints import load_checkpoint, load_vocabulary
-from hir_jax.checkpoints.paths import as_path
 from hir_jax.checkpoints.state import StateCheckpointer, check_same_shape, checkpoint_id
 from hir_jax.model.configs import EOS_ID, T5Config
 from hir_jax.model.t5 import T5, init_params
 from hir_jax.partitioning import Partitioner, make_partitioner
+from hir_jax.paths import as_path
 from hir_jax.train import (
     LossConfig,
     Optimizer,

@@ -41,7 +41,7 @@ from typing import Any
 import tqdm
 from etils import epath
 
-PathLike = str | os.PathLike
+from hir_jax.paths import PathLike, as_path
 
 METRICS_FILE = "metrics.jsonl"
 RUN_INFO_FILE = "run_info.json"
@@ -66,16 +66,6 @@ LOSS_TERMS = ("loss", "nll", "contrastive", "entropy")
 # Environment switch for progress bars: "0" off, "1" on, unset -> on when stderr is a TTY.
 PROGRESS_ENV = "HIR_JAX_PROGRESS"
 _progress_enabled: bool | None = None
-
-
-def as_path(path: PathLike) -> epath.Path:
-    """An ``epath.Path`` for a local (``~`` expanded) or ``gs://`` path."""
-    if isinstance(path, epath.Path):
-        return path
-    text = os.fspath(path)
-    if "://" not in text:
-        text = os.path.expanduser(text)
-    return epath.Path(text)
 
 
 def is_fraction_metric(name: str) -> bool:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from etils import epath
 
 from hir_jax import metrics_log
-from hir_jax.metrics_log import PathLike, as_path
+from hir_jax.paths import PathLike, as_path
 from tasks.bigbench import PAPER_TASKS, TASK_PREFIX
 
 METHOD_ORDER = ("zero_shot", "ppo", "sft", "farl", "hir")

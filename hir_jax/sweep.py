@@ -67,7 +67,7 @@ from typing import Any
 from gin import config_parser
 
 from hir_jax import metrics_log, report
-from hir_jax.metrics_log import PathLike, as_path
+from hir_jax.paths import PathLike, as_path
 from tasks.bigbench import TASK_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -31,9 +31,9 @@ from hir_jax.checkpoints.errors import (
     UnexpectedTensorError,
     UnknownFormatError,
 )
-from hir_jax.checkpoints.paths import PathLike, as_path, read_json, write_json
 from hir_jax.checkpoints.tree import Params, check_params, expected_shapes, flatten, unflatten
 from hir_jax.model.configs import DECODER_START_ID, EOS_ID, PAD_ID, T5Config
+from hir_jax.paths import PathLike, as_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Literal
 
 from hir_jax.checkpoints import hf, t5x
 from hir_jax.checkpoints.errors import NoCheckpointError, UnknownFormatError
-from hir_jax.checkpoints.paths import PathLike, as_path
 from hir_jax.checkpoints.tree import Params, check_params, config_from_params, to_float32
 from hir_jax.model.configs import T5Config
+from hir_jax.paths import PathLike, as_path
 
 if TYPE_CHECKING:
     import seqio

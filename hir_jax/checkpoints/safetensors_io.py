@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from hir_jax.checkpoints.errors import CheckpointError, MissingTensorError
-from hir_jax.checkpoints.paths import PathLike, as_path
+from hir_jax.paths import PathLike, as_path
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),

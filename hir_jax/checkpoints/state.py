@@ -12,7 +12,7 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
-from hir_jax.checkpoints.paths import as_path
+from hir_jax.paths import as_path
 
 ROUND_STRIDE = 10_000_000
 

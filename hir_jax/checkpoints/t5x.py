@@ -33,9 +33,9 @@ from hir_jax.checkpoints.errors import (
     ShapeMismatchError,
     UnknownFormatError,
 )
-from hir_jax.checkpoints.paths import PathLike, as_path, is_gcs, kvstore_spec
 from hir_jax.checkpoints.tree import Params, check_params, flatten, unflatten
 from hir_jax.model.configs import T5Config
+from hir_jax.paths import PathLike, as_path, is_gcs, kvstore_spec
 
 CHECKPOINT_FILE = "checkpoint"
 VERSION = 3
