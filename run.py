@@ -15,13 +15,11 @@ exits with status 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import re
 import sys
 
-REPO = os.path.dirname(os.path.abspath(__file__))
-GIN_DIR = os.path.join(REPO, "gin_configs")
+from hir_jax.gin_cli import add_gin_flags, one_line, parse_gin, parse_with_bindings
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -29,26 +27,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="HIR / baseline runs configured by gin",
         epilog="Bindings: --gin.MODEL_DIR=\"'/tmp/run'\" --gin.hir_jax.hir.LoopConfig.epochs=2",
     )
-    ap.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    ap.add_argument(
-        "--gin_search_path", action="append", default=[], help="extra folders for gin files"
-    )
+    add_gin_flags(ap)
     ap.add_argument("--dry_run", action="store_true", help="parse the config, print it, exit")
-    args, rest = ap.parse_known_args(argv)
-    args.gin_bindings = []
-    for item in rest:
-        if not item.startswith("--gin."):
-            ap.error(f"unrecognized argument {item!r} (bindings look like --gin.NAME=VALUE)")
-        args.gin_bindings.append(item[len("--gin.") :])
+    args = parse_with_bindings(ap, argv)
     if not args.gin_file:
         ap.error("give at least one --gin_file (e.g. --gin_file=runs/hir.gin)")
     return args
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    text = re.sub(r"\s*In call to configurable .*$", "", text)  # gin's context suffix
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,26 +40,18 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import gin
 
-    from hir_jax import gin_registry  # noqa: F401  (registers configurables)
     from hir_jax.hir import Preempted, run
 
-    for path in [*args.gin_search_path, GIN_DIR, REPO]:
-        gin.add_config_file_search_path(path)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.CRITICAL)  # gin logs each search-path miss as an error
     try:
-        gin.parse_config_files_and_bindings(args.gin_file, args.gin_bindings)
+        parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
     except Exception as exc:  # gin reports unknown names/files/values in many types
         required = re.search(r"(\w+)/macro\.value set to `%gin\.REQUIRED`", str(exc))
         if required:
             name = required.group(1)
             print(f"error: required macro {name} is not set (--gin.{name}=...)", file=sys.stderr)
         else:
-            print(f"error: bad gin config: {_one_line(exc)}", file=sys.stderr)
+            print(f"error: bad gin config: {one_line(exc)}", file=sys.stderr)
         return 2
-    finally:
-        root.setLevel(level)
     if args.dry_run:
         print(gin.config_str())
         return 0
@@ -90,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if os.environ.get("HIR_JAX_DEBUG"):
             raise
-        print(f"error: {_one_line(exc)} (HIR_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"error: {one_line(exc)} (HIR_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     acc = final.get("accuracy")
     print(f"done: final test accuracy {acc:.4f}" if acc is not None else "done")

@@ -32,22 +32,10 @@ def hf_model(cfg: T5Config, seed: int = 0) -> Any:
     import torch
     import transformers
 
+    from hir_jax.checkpoints import config_to_hf
+
     torch.manual_seed(seed)
-    hf_cfg = transformers.T5Config(
-        vocab_size=cfg.vocab_size,
-        d_model=cfg.d_model,
-        d_kv=cfg.d_kv,
-        d_ff=cfg.d_ff,
-        num_heads=cfg.num_heads,
-        num_layers=cfg.num_encoder_layers,
-        num_decoder_layers=cfg.num_decoder_layers,
-        feed_forward_proj=cfg.feed_forward_proj,
-        tie_word_embeddings=cfg.tie_word_embeddings,
-        dropout_rate=0.0,
-        decoder_start_token_id=0,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
+    hf_cfg = transformers.T5Config(**{**config_to_hf(cfg), "dropout_rate": 0.0})
     return transformers.T5ForConditionalGeneration(hf_cfg)
 
 

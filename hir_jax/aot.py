@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import os
 import re
@@ -54,13 +53,12 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from hir_jax.gin_cli import add_gin_flags, one_line, parse_gin, parse_with_bindings
+
 if TYPE_CHECKING:  # keep JAX unimported until --devices has set XLA_FLAGS
     from hir_jax.model.configs import T5Config
     from hir_jax.partitioning import Partitioner
     from hir_jax.train import LossConfig, Optimizer
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIN_DIR = os.path.join(REPO, "gin_configs")
 
 GiB = 2**30
 _OPT_NAME = "hir_jax.train.make_optimizer.name"
@@ -375,8 +373,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         + ", ".join(f"{k} ({v // GiB} GiB)" for k, v in CHIP_MEMORY.items())
         + ". Exit status: 0 fits, 1 does not fit, 2 bad input.",
     )
-    ap.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    ap.add_argument("--gin_search_path", action="append", default=[], help="extra gin folders")
+    add_gin_flags(ap)
     ap.add_argument("--size", help="model size instead of gin files: tiny, small, ..., xxl")
     ap.add_argument("--devices", type=int, help="simulate this many devices on the host CPU")
     ap.add_argument("--data", type=int, help="mesh data axis (-1: the rest; default: gin/-1)")
@@ -399,12 +396,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--per_chip_memory", default="16GiB", help="e.g. 16GiB, 80GB or a chip name (16GiB)"
     )
     ap.add_argument("--json", action="store_true", help="print the result as JSON as well")
-    args, rest = ap.parse_known_args(list(argv))
-    args.gin_bindings = []
-    for item in rest:
-        if not item.startswith("--gin."):
-            ap.error(f"unrecognized argument {item!r} (bindings look like --gin.NAME=VALUE)")
-        args.gin_bindings.append(item[len("--gin.") :])
+    args = parse_with_bindings(ap, argv)
     if not args.gin_file and not args.size:
         ap.error("give --size or --gin_file (e.g. --gin_file=models/flan_t5_small.gin)")
     if args.devices is not None and args.devices < 1:
@@ -450,23 +442,6 @@ def _gin_value(name: str, default: Any = None) -> Any:
     return value
 
 
-def _parse_gin(files: Sequence[str], bindings: Sequence[str], search: Sequence[str]) -> None:
-    import gin
-
-    from hir_jax import gin_registry  # noqa: F401  (registers configurables)
-
-    for path in [*search, GIN_DIR, REPO]:
-        gin.add_config_file_search_path(path)
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.CRITICAL)  # gin logs each search-path miss as an error
-    try:
-        # Not finalized: a run file's REQUIRED macros (MODEL_DIR, TASK) may stay unset.
-        gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
-    finally:
-        root.setLevel(level)
-
-
 def _model_from_gin(args: argparse.Namespace) -> tuple[Any, str]:
     from hir_jax.model.configs import get_config
 
@@ -489,12 +464,6 @@ def _model_from_gin(args: argparse.Namespace) -> tuple[Any, str]:
     return config, str(name)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    text = re.sub(r"\s*In call to configurable .*$", "", text)  # gin's addition
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry; returns the exit status (0 fits, 1 does not fit, 2 bad input)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -503,7 +472,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.devices is not None:
             simulate_devices(args.devices)
         if args.gin_file or args.gin_bindings:
-            _parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
+            # Not finalized: a run file's REQUIRED macros (MODEL_DIR, TASK) may stay unset.
+            parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path, finalize=False)
         from hir_jax import decoding
         from hir_jax.hir import LoopConfig
 
@@ -533,7 +503,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # bad gin, mesh or shapes: one line, status 2
         if os.environ.get("HIR_JAX_DEBUG"):
             raise
-        print(f"error: {_one_line(exc)} (HIR_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"error: {one_line(exc)} (HIR_JAX_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
     print(format_report(result, name))
     if args.json:
