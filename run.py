@@ -10,6 +10,9 @@
 to MODEL_DIR/config.gin. Re-running the same command resumes from MODEL_DIR. Bad input
 (a missing REQUIRED macro, an unknown binding or task, a checkpoint of the wrong shape)
 exits with status 2 and a one-line message.
+
+Multi-host: run the same command on every host with ``--multihost`` (TPU VM slices,
+SLURM, Open MPI), or with ``--coordinator_address/--num_processes/--process_id``.
 """
 
 from __future__ import annotations
@@ -29,9 +32,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     add_gin_flags(ap)
     ap.add_argument("--dry_run", action="store_true", help="parse the config, print it, exit")
+    mh = ap.add_argument_group(
+        "multi-host",
+        "one process per host, all with the same flags; on TPU VM slices, SLURM and Open MPI "
+        "--multihost alone is enough, GPU hosts without a scheduler give the other three",
+    )
+    mh.add_argument(
+        "--multihost", action="store_true", help="call jax.distributed.initialize() first"
+    )
+    mh.add_argument("--coordinator_address", help="host:port of process 0 (implies --multihost)")
+    mh.add_argument("--num_processes", type=int, help="number of processes (hosts)")
+    mh.add_argument("--process_id", type=int, help="this process's index, 0 .. num_processes-1")
     args = parse_with_bindings(ap, argv)
     if not args.gin_file:
         ap.error("give at least one --gin_file (e.g. --gin_file=runs/hir.gin)")
+    manual = (args.coordinator_address, args.num_processes, args.process_id)
+    if any(v is not None for v in manual):
+        if any(v is None for v in manual):
+            ap.error("--coordinator_address, --num_processes and --process_id go together")
+        if not 0 <= args.process_id < args.num_processes:
+            ap.error(f"--process_id must be in 0..{args.num_processes - 1}")
+        args.multihost = True
     return args
 
 
@@ -42,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from hir_jax.hir import Preempted, run
 
+    if args.multihost and not args.dry_run:
+        from hir_jax.partitioning import initialize_distributed
+
+        initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     try:
         parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path)
     except Exception as exc:  # gin reports unknown names/files/values in many types

@@ -199,13 +199,13 @@ def generate(
     the model's logical constraints resolve against its mesh; parameters keep the
     sharding they have (``partitioner.shard_params``).
     """
-    encoder_tokens = jnp.asarray(encoder_tokens, jnp.int32)
     if row_ids is None:
-        row_ids = jnp.arange(encoder_tokens.shape[0], dtype=jnp.int32)
+        row_ids = np.arange(encoder_tokens.shape[0], dtype=np.int32)
+    if partitioner is not None:  # host arrays go straight to their shards (multi-host too)
+        placed = partitioner.shard_batch({"tokens": encoder_tokens, "rows": row_ids})
+        encoder_tokens, row_ids = placed["tokens"], placed["rows"]
+    encoder_tokens = jnp.asarray(encoder_tokens, jnp.int32)
     row_ids = jnp.asarray(row_ids, jnp.int32)
-    if partitioner is not None:
-        encoder_tokens = jax.device_put(encoder_tokens, partitioner.batch_sharding)
-        row_ids = jax.device_put(row_ids, partitioner.batch_sharding)
     return generate_fn(model, cfg, partitioner)(params, encoder_tokens, rng, row_ids)
 
 

@@ -37,7 +37,7 @@ from hir_jax.checkpoints import load_checkpoint, load_vocabulary
 from hir_jax.checkpoints.state import StateCheckpointer, check_same_shape, checkpoint_id
 from hir_jax.model.configs import EOS_ID, T5Config
 from hir_jax.model.t5 import T5, init_params
-from hir_jax.partitioning import Partitioner, make_partitioner
+from hir_jax.partitioning import Partitioner, any_process, make_partitioner, to_host
 from hir_jax.paths import as_path
 from hir_jax.train import (
     LossConfig,
@@ -245,6 +245,10 @@ class Preemption:
             self._previous = None
         return self
 
+    def should_stop(self) -> bool:
+        """Whether any host got SIGTERM; all hosts agree, so they save and stop together."""
+        return any_process(self.requested)
+
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
         metrics_log.console("SIGTERM received: saving a checkpoint at the next safe point")
@@ -389,7 +393,7 @@ class HIRLoop:
         rows = -(-batch // self.partitioner.data_size) * self.partitioner.data_size
         chunks = list(_batches(len(split.prompt_ids), batch))
         for idx in metrics_log.progress(chunks, desc=desc, unit="batch"):
-            if self.preemption.requested and desc.startswith("sample"):
+            if desc.startswith("sample") and self.preemption.should_stop():
                 raise Preempted()
             enc, n = decoding.pad_batch([split.prompt_ids[i] for i in idx], batch_multiple=rows)
             row_ids = np.zeros(enc.shape[0], np.int32)
@@ -397,7 +401,7 @@ class HIRLoop:
             res = decoding.generate(
                 self.model, self.state.params, enc, rng, cfg, row_ids, self.partitioner
             )
-            res = jax.device_get(res)
+            res = to_host(res)  # whole on every host
             tokens += int(np.sum(res.lengths[:n]))
             for r in range(n):
                 out.append([decoding.output_ids(res, r, k) for k in range(cfg.num_samples)])
@@ -526,7 +530,7 @@ class HIRLoop:
                 losses_sum += float(jax.device_get(m["loss"]))
                 total += 1
                 bar.update(1)
-            if self.preemption.requested:
+            if self.preemption.should_stop():
                 raise Preempted()  # round 0 is redone on restart
         bar.close()
         return {"warmup_nll": losses_sum / max(total, 1), "warmup_steps": total}
@@ -571,11 +575,10 @@ class HIRLoop:
                 bar.update(1)
                 self.round_metrics["train_sums"] = sums
                 every = self.loop.checkpoint_every_steps
-                if self.preemption.requested or (
-                    every and counter % every == 0 and counter < total
-                ):
+                stop = self.preemption.should_stop()
+                if stop or (every and counter % every == 0 and counter < total):
                     self.save()
-                    if self.preemption.requested:
+                    if stop:
                         bar.close()
                         raise Preempted()
         bar.close()
@@ -631,11 +634,11 @@ class HIRLoop:
                 else:
                     self.round_metrics["sample"] = self.sample()
             train_metrics = {**self.round_metrics["sample"], **self.train_round()}
-            if preemption.requested:
+            if preemption.should_stop():
                 self.save()
                 raise Preempted()
             self._finish_round({"train": train_metrics, "test": self.evaluate()})
-            if preemption.requested:
+            if preemption.should_stop():
                 raise Preempted()
 
 
@@ -688,6 +691,8 @@ def run(
         )
     if params is None:
         params = init_params(model_config, jax.random.key(seed))
+    if jax.process_index() != 0:  # one host reports; the others keep quiet
+        metrics_log.set_progress_enabled(False)
     with metrics_log.MetricsWriter(model_dir, active=jax.process_index() == 0) as writer:
         if jax.process_index() == 0:
             (as_path(model_dir) / "config.gin").write_text(gin.config_str())

@@ -228,8 +228,9 @@ class MetricsWriter:
 
     Construct once per run process (it reads any existing ``metrics.jsonl``, so a resumed
     run continues the same file). ``active=False`` (non-chief hosts of a multi-host job)
-    turns every write into a no-op. ``tb_step`` picks the TensorBoard x axis: "step" (the
-    record's step, default) or "round".
+    keeps the records in memory only: no file, TensorBoard or console output.
+    ``tb_step`` picks the TensorBoard x axis: "step" (the record's step, default) or
+    "round".
     """
 
     def __init__(
@@ -295,21 +296,22 @@ class MetricsWriter:
         record: dict[str, Any] = {"round": int(round), "step": int(step), "split": str(split)}
         record["time"] = float(time) if time is not None else time_lib.time()
         record.update({str(k): _jsonable(v) for k, v in metrics.items()})
-        if not self.active:
-            return record
-        if self.console:
-            tqdm.tqdm.write(format_metrics(record), file=sys.stdout)
-        self._write_tensorboard([record])  # only the new values, also when merging
+        if self.active:
+            if self.console:
+                tqdm.tqdm.write(format_metrics(record), file=sys.stdout)
+            self._write_tensorboard([record])  # only the new values, also when merging
         key = _key(record)
         if key in self._index:
             stored = self._records[self._index[key]]
             stored.update(record)
-            self._rewrite()
+            if self.active:
+                self._rewrite()
         else:
             stored = dict(record)
             self._index[key] = len(self._records)
             self._records.append(stored)
-            self._append(stored)
+            if self.active:
+                self._append(stored)
         return dict(stored)
 
     def truncate_after(self, round: int, step: int | None = None) -> int:
@@ -328,7 +330,7 @@ class MetricsWriter:
 
         kept = [r for r in self._records if keep(r)]
         dropped = len(self._records) - len(kept)
-        if dropped and self.active:
+        if dropped:
             self.reset(kept)
         return dropped
 
@@ -336,9 +338,9 @@ class MetricsWriter:
         """Replace the whole file with ``records`` (e.g. the metrics saved in a checkpoint;
         empty for a fresh start), rebuild the TensorBoard files from them and remove a
         stale ``DONE`` marker."""
+        self._set_records([dict(r) for r in records])
         if not self.active:
             return
-        self._set_records([dict(r) for r in records])
         self._rewrite()
         if self.tensorboard:
             self._rebuild_tensorboard()

@@ -11,9 +11,12 @@ module maps those names onto a 2-D device mesh with axes ``data`` and ``model``:
   savings; activations keep ``batch`` on ``data``).
 
 One device and many devices run the same code: a 1x1 mesh is just a mesh. On a multi-host
-TPU slice call ``jax.distributed.initialize()`` once at start-up, before any other JAX call;
-``create_mesh`` then sees every device of the slice and ``shard_batch`` assembles the global
-batch from each host's local rows (``jax.make_array_from_process_local_data``).
+TPU slice (or several GPU hosts) call ``initialize_distributed()`` once at start-up, before
+any other JAX call; ``create_mesh`` then sees every device of every host. Host-side data is
+*global and identical on every process* (HIR's data is small and every step is seeded):
+``shard_batch`` places on each host only the rows its devices hold, ``to_host`` brings
+sharded results back whole to every host, and ``any_process`` agrees on a flag (e.g.
+"SIGTERM seen") so that all hosts take the same branch.
 
 Typical use::
 
@@ -273,31 +276,82 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
     """Put a batch (dict of host arrays, leading dim = examples) on the mesh, split over data.
 
-    Single process: ``batch`` is the global batch. Multi-process (after
-    ``jax.distributed.initialize()``): ``batch`` holds this host's rows, and the global
-    array is their concatenation over processes.
+    ``batch`` is the *global* batch, the same on every process (multi-host: each host
+    copies only the rows of its own devices). Arrays already laid out over ``data`` are
+    passed through unchanged.
     """
     sharding = batch_sharding(mesh)
     n_data = mesh.shape[DATA]
-    multi = jax.process_count() > 1
     out = {}
     for key, value in batch.items():
         if isinstance(value, jax.Array) and value.ndim and value.sharding == sharding:
-            out[key] = value  # already in place (also a global multi-host array)
+            out[key] = value  # already in place
             continue
-        arr = np.asarray(value) if not isinstance(value, jax.Array) else value
-        rows = arr.shape[0] * (jax.process_count() if multi else 1)
-        if arr.ndim == 0 or rows % n_data:
+        arr = value if isinstance(value, jax.Array) else np.asarray(value)
+        if arr.ndim == 0 or arr.shape[0] % n_data:
             raise PartitioningError(
                 f"batch[{key!r}] has shape {tuple(arr.shape)}: its leading (batch) dimension "
-                f"{rows} is not divisible by mesh axis 'data' of size {n_data} "
+                f"{arr.shape[0] if arr.ndim else '(none)'} is not divisible by mesh axis 'data' of size {n_data} "
                 f"(mesh {dict(mesh.shape)})"
             )
-        if multi:
-            out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(arr))
-        else:
-            out[key] = jax.device_put(arr, sharding)
+        out[key] = jax.device_put(arr, sharding)
     return out
+
+
+def to_host(tree: Any) -> Any:
+    """NumPy copies of a tree of arrays, whole on every process.
+
+    Single process: ``jax.device_get``. Multi-process: arrays split across hosts (e.g.
+    generated tokens over ``data``) are all-gathered first, so every host continues with
+    the same global values.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def fetch(x: Any) -> Any:
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return jax.device_get(x)
+
+    return jax.tree.map(fetch, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """True if ``flag`` is true on any process; every process gets the same answer.
+
+    A collective in multi-process runs: call it at the same points on every host.
+    """
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
+    return bool(np.any(flags))
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """``jax.distributed.initialize`` for a multi-host run; call before any other JAX use.
+
+    Without arguments JAX detects the cluster (TPU VM slices, SLURM, Open MPI). GPU hosts
+    without a scheduler pass all three: the coordinator ``host:port`` (process 0's host),
+    the number of processes and this process's index.
+    """
+    given = [a is not None for a in (coordinator_address, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError(
+            "give all of coordinator_address, num_processes and process_id, or none of "
+            "them (automatic detection on TPU VMs, SLURM and Open MPI)"
+        )
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
 
 
 @contextlib.contextmanager

@@ -9,3 +9,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+import pytest  # noqa: E402
+from synthetic_tasks import write_synthetic_bigbench  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bigbench_dir(tmp_path_factory):
+    """Synthetic BigBench task files; BIGBENCH_DIR points at them for the module."""
+    root = write_synthetic_bigbench(tmp_path_factory.mktemp("bigbench"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BIGBENCH_DIR", str(root))
+        yield root

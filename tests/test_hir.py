@@ -4,18 +4,13 @@ SIGTERM, and run.py fails with one-line messages on bad input."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import gin
 import jax
 import numpy as np
 import pytest
-from synthetic_tasks import write_synthetic_bigbench
+from run_py_helpers import REPO, metric_lines, quick_args, run_py, wait_for_test_line
 
 from hir_jax import hir, metrics_log
 from hir_jax.model.configs import get_config
@@ -23,17 +18,7 @@ from hir_jax.partitioning import make_partitioner
 from hir_jax.train import LossConfig, make_optimizer
 from tasks import vocab as vocab_lib
 
-REPO = Path(__file__).resolve().parents[1]
 CHANCE = 1 / 3
-TIMING = {"time", "decode_tokens_per_s", "sample_tokens_per_s", "examples_per_s"}
-
-
-@pytest.fixture(scope="module")
-def bigbench_dir(tmp_path_factory):
-    root = write_synthetic_bigbench(tmp_path_factory.mktemp("bigbench"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BIGBENCH_DIR", str(root))
-        yield root
 
 
 @pytest.fixture(scope="module")
@@ -87,71 +72,26 @@ def test_hir_learns_a_rule_that_no_hindsight_does_not(tmp_path, vocab):
 # --------------------------------------------------------------------------- run.py
 
 
-def _run_py(args, env_extra, timeout=600):
-    env = {**os.environ, "HIR_JAX_PROGRESS": "0", "TF_CPP_MIN_LOG_LEVEL": "3", **env_extra}
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
-    return subprocess.Popen(
-        [sys.executable, str(REPO / "run.py"), *args],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def _quick_args(model_dir, task="pet_rule"):
-    loop = "--gin.hir_jax.hir.LoopConfig."
-    return [
-        "--gin_file=runs/hir.gin",
-        "--gin_file=models/flan_t5_tiny.gin",
-        f"--gin.MODEL_DIR='{model_dir}'",
-        f"--gin.TASK='{task}'",
-        f"{loop}num_rounds=2",
-        f"{loop}samples_per_query=2",
-        f"{loop}max_new_tokens=5",
-        f"{loop}eval_max_new_tokens=5",
-        f"{loop}epochs=2",
-        f"{loop}batch_size=16",
-        f"{loop}max_train_examples=48",
-        f"{loop}max_test_examples=16",
-        f"{loop}checkpoint_every_steps=2",
-        f"{loop}warmup_task='hat_guess'",
-        f"{loop}warmup_epochs=1",
-    ]
-
-
-def _metric_lines(model_dir):
-    return [
-        {k: v for k, v in r.items() if k not in TIMING} for r in metrics_log.read_metrics(model_dir)
-    ]
-
-
 def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, bigbench_dir):
     env = {"BIGBENCH_DIR": str(bigbench_dir)}
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
-    full = _run_py(_quick_args(full_dir), env)
-    cut = _run_py(_quick_args(cut_dir), env)
+    full = run_py(quick_args(full_dir), env)
+    cut = run_py(quick_args(cut_dir), env)
     # Interrupt `cut` as soon as round 1 is on disk (it is then in round 2).
-    deadline = time.time() + 400
-    while time.time() < deadline and cut.poll() is None:
-        lines = metrics_log.read_metrics(cut_dir, missing_ok=True)
-        if any(r["round"] == 1 and r["split"] == "test" for r in lines):
-            cut.send_signal(signal.SIGTERM)
-            break
-        time.sleep(0.2)
+    assert wait_for_test_line(cut_dir, 1, [cut], timeout=400), cut.communicate()[1]
+    cut.send_signal(signal.SIGTERM)
     out, err = cut.communicate(timeout=400)
     assert cut.returncode == 0, err
     assert "preempted" in err, err
     assert not metrics_log.is_done(cut_dir)
-    resumed = _run_py(_quick_args(cut_dir), env)
+    resumed = run_py(quick_args(cut_dir), env)
     out, err = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, err
     assert "resumed from" in err + out
     out, err = full.communicate(timeout=400)
     assert full.returncode == 0, err
 
-    assert _metric_lines(cut_dir) == _metric_lines(full_dir)
+    assert metric_lines(cut_dir) == metric_lines(full_dir)
     assert metrics_log.is_done(cut_dir) and metrics_log.is_done(full_dir)
     # What a run leaves in MODEL_DIR.
     assert "LoopConfig.num_rounds = 2" in (full_dir / "config.gin").read_text()
@@ -160,7 +100,7 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, bigbench_di
     assert (full_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (full_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert len((full_dir / "predictions" / "round_002.jsonl").read_text().splitlines()) == 16
-    splits = [(r["round"], r["split"]) for r in _metric_lines(full_dir)]
+    splits = [(r["round"], r["split"]) for r in metric_lines(full_dir)]
     assert splits == [(r, split) for r in range(3) for split in ("train", "test")]
 
 

@@ -193,7 +193,16 @@ def test_progress_switches(monkeypatch):
         ml.set_progress_enabled(None)
 
 
-def test_inactive_writer_writes_nothing(tmp_path):
+def test_inactive_writer_writes_nothing_but_keeps_records(tmp_path, capsys):
     w = writer(tmp_path / "run", active=False)
     w.write(0, 0, "test", {"accuracy": 1.0})
+    w.write(0, 0, "test", {"loss": 2.0})
+    w.write(1, 5, "test", {"accuracy": 0.5})
+    assert not (tmp_path / "run").exists()
+    assert capsys.readouterr().out == ""
+    assert [(r["round"], r.get("accuracy"), r.get("loss")) for r in w.records] == [
+        (0, 1.0, 2.0),
+        (1, 0.5, None),
+    ]
+    assert w.truncate_after(0) == 1 and w.last_round() == 0
     assert not (tmp_path / "run").exists()
