@@ -289,9 +289,10 @@ def shard_batch(batch: Mapping[str, Any], mesh: Mesh) -> dict[str, jax.Array]:
             continue
         arr = value if isinstance(value, jax.Array) else np.asarray(value)
         if arr.ndim == 0 or arr.shape[0] % n_data:
+            rows = arr.shape[0] if arr.ndim else "(none: a scalar)"
             raise PartitioningError(
                 f"batch[{key!r}] has shape {tuple(arr.shape)}: its leading (batch) dimension "
-                f"{arr.shape[0] if arr.ndim else '(none)'} is not divisible by mesh axis 'data' of size {n_data} "
+                f"{rows} is not divisible by mesh axis 'data' of size {n_data} "
                 f"(mesh {dict(mesh.shape)})"
             )
         out[key] = jax.device_put(arr, sharding)

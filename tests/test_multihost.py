@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 from run_py_helpers import REPO, free_port, metric_lines, quick_args, run_py, wait_for_test_line
 
 from hir_jax import metrics_log
@@ -136,3 +137,23 @@ def test_multihost_primitives_agree_across_processes():
     # Each host placed only its own devices' rows, and together they cover the batch.
     rows = results[0]["local_rows"] + results[1]["local_rows"]
     assert sorted(rows) == list(range(8)), rows  # disjoint halves
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_processes=2"], "go together"),
+        (
+            ["--coordinator_address=localhost:1", "--num_processes=2", "--process_id=2"],
+            "--process_id must be in 0..1",
+        ),
+    ],
+)
+def test_run_py_rejects_incomplete_multihost_flags(flags, message, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    import run as run_py
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_py.parse_args(["--gin_file=runs/hir.gin", *flags])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
