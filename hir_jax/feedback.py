@@ -16,8 +16,7 @@ def score(
 ) -> tuple[list[bool], dict[str, float]]:
     """Per-output correctness, plus accuracy and the format-error rate (multiple-choice
     outputs that are not one of the valid labels "(A)", "(B)", ...)."""
-    summary = metrics.score(outputs, answers, num_options)
-    correct = [metrics.is_correct(o, a) for o, a in zip(outputs, answers, strict=True)]
+    correct, summary = metrics.judge(outputs, answers, num_options)
     n = max(len(outputs), 1)
     return correct, {
         "accuracy": float(summary["accuracy"]),

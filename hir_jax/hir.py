@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from hir_jax import decoding, feedback, metrics_log, relabel
-from hir_jax.checkpoints import load_checkpoint, load_vocabulary
+from hir_jax.checkpoints import load_checkpoint, load_config, load_vocabulary
 from hir_jax.checkpoints.state import StateCheckpointer, check_same_shape, checkpoint_id
 from hir_jax.model.configs import EOS_ID, T5Config
 from hir_jax.model.t5 import T5, init_params
@@ -282,7 +282,9 @@ class HIRLoop:
         partitioner: Partitioner,
         seed: int,
         writer: metrics_log.MetricsWriter,
+        checkpointer: StateCheckpointer,
     ) -> None:
+        """``params=None``: the state comes from ``checkpointer`` (``restore_latest``)."""
         self.model_dir, self.task, self.config = model_dir, task, config
         self.loop, self.seed, self.writer = loop, seed, writer
         self.vocab = vocabulary
@@ -299,9 +301,11 @@ class HIRLoop:
         self.test = _load_split(
             task, "test", self.tokenize, loop.max_test_examples, loop.max_input_length
         )
-        self.state = create_train_state(
-            config, params, optimizer, partitioner, jax.random.fold_in(self.base_rng, 1)
-        )
+        self.state = None
+        if params is not None:
+            self.state = create_train_state(
+                config, params, optimizer, partitioner, jax.random.fold_in(self.base_rng, 1)
+            )
         self.train_step = make_train_step(
             self.model,
             optimizer,
@@ -310,7 +314,7 @@ class HIRLoop:
             num_microbatches=loop.num_microbatches,
         )
         self.eval_step = make_eval_step(self.model, partitioner, loss=self.loss)
-        self.checkpointer = StateCheckpointer(model_dir, max_to_keep=loop.keep_checkpoints)
+        self.checkpointer = checkpointer
         self.buffer = ReplayBuffer()
         self.round = 0  # next round to run
         self.step_in_round = 0  # train steps already done in self.round
@@ -662,7 +666,8 @@ def run(
     """Runs (or resumes) one experiment into ``model_dir``; returns the final test metrics.
 
     Restore order: the latest checkpoint in ``model_dir``, then ``initial_checkpoint``
-    (an HF or T5X directory), then a fresh initialisation from ``seed``.
+    (an HF or T5X directory), then a fresh initialisation from ``seed``. When resuming,
+    only the config of ``initial_checkpoint`` is read, not its weights.
     """
     loop = loop or LoopConfig()
     task = bigbench.task_name(bigbench.resolve_task(task))
@@ -671,30 +676,18 @@ def run(
     loss = loss or LossConfig()
     if model_config is None and initial_checkpoint is None:
         raise ValueError("set a model config (a gin_configs/models file) or INITIAL_CHECKPOINT")
-    params = None
-    vocab = None
-    if initial_checkpoint:
-        model_config, params = load_checkpoint(initial_checkpoint, model_config)
-        try:
-            vocab = load_vocabulary(initial_checkpoint)
-        except FileNotFoundError:
-            vocab = None
-    if vocab is None:
-        if vocabulary is None:
-            raise ValueError(
-                "no vocabulary: bind run.vocabulary or use a checkpoint with spiece.model"
-            )
-        vocab = vocabulary()
-    if vocab.vocab_size > model_config.vocab_size:
-        raise ValueError(
-            f"vocabulary has {vocab.vocab_size} ids but the model only {model_config.vocab_size}"
-        )
-    if params is None:
-        params = init_params(model_config, jax.random.key(seed))
     if jax.process_index() != 0:  # one host reports; the others keep quiet
         metrics_log.set_progress_enabled(False)
-    with metrics_log.MetricsWriter(model_dir, active=jax.process_index() == 0) as writer:
-        if jax.process_index() == 0:
+    chief = jax.process_index() == 0
+    with (
+        StateCheckpointer(model_dir, max_to_keep=loop.keep_checkpoints) as checkpointer,
+        metrics_log.MetricsWriter(model_dir, active=chief) as writer,
+    ):
+        resuming = checkpointer.latest() is not None
+        model_config, params, vocab = _model_and_vocabulary(
+            model_config, initial_checkpoint, vocabulary, seed, weights=not resuming
+        )
+        if chief:
             (as_path(model_dir) / "config.gin").write_text(gin.config_str())
             metrics_log.write_run_info(
                 model_dir, task=task, method=loop.method, seed=seed, model=model_name,
@@ -712,15 +705,51 @@ def run(
             partitioner=partitioner,
             seed=seed,
             writer=writer,
+            checkpointer=checkpointer,
         )
         if not hir.restore_latest():
             writer.reset()
         with Preemption() as preemption:
-            try:
-                hir.run(preemption)
-            finally:
-                hir.checkpointer.close()
-        if jax.process_index() == 0:
+            hir.run(preemption)
+        if chief:
             metrics_log.mark_done(model_dir)
         final = [r for r in writer.records if r["split"] == "test"]
     return final[-1] if final else {}
+
+
+def _model_and_vocabulary(
+    config: T5Config | None,
+    initial_checkpoint: str | None,
+    vocabulary: Callable[[], Any] | None,
+    seed: int,
+    weights: bool,
+) -> tuple[T5Config, Any, Any]:
+    """(config, params, vocabulary) from INITIAL_CHECKPOINT or the gin bindings.
+
+    ``weights=False`` (resuming: our checkpoint has them) reads only the config and
+    returns ``params=None``; otherwise params come from the checkpoint, or from a fresh
+    initialisation with ``seed``.
+    """
+    params = vocab = None
+    if initial_checkpoint and not weights:
+        config = load_config(initial_checkpoint, config)
+    elif initial_checkpoint:
+        config, params = load_checkpoint(initial_checkpoint, config)
+    if initial_checkpoint:
+        try:
+            vocab = load_vocabulary(initial_checkpoint)
+        except FileNotFoundError:
+            vocab = None
+    if vocab is None:
+        if vocabulary is None:
+            raise ValueError(
+                "no vocabulary: bind run.vocabulary or use a checkpoint with spiece.model"
+            )
+        vocab = vocabulary()
+    if vocab.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"vocabulary has {vocab.vocab_size} ids but the model only {config.vocab_size}"
+        )
+    if params is None and weights:
+        params = init_params(config, jax.random.key(seed))
+    return config, params, vocab

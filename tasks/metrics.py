@@ -45,17 +45,12 @@ def is_valid_option(output: str, num_options: int) -> bool:
     return normalize(output) in {normalize(label) for label in option_labels(num_options)}
 
 
-def score(
+def judge(
     outputs: Sequence[str],
     answers: Sequence[str],
     num_options: Sequence[int] | None = None,
-) -> dict[str, float | int]:
-    """Accuracy and counts of model outputs against gold answers.
-
-    Returns ``accuracy`` (in [0, 1]), ``num_correct``, ``num_examples`` and
-    ``format_errors``: how many outputs of multiple-choice examples (``num_options[i] >
-    0``) are not one of the valid labels "(A)".. (always 0 without ``num_options``).
-    """
+) -> tuple[list[bool], dict[str, float | int]]:
+    """Per-output verdicts (``is_correct``) and their summary, as returned by ``score``."""
     if len(outputs) != len(answers):
         raise ValueError(f"{len(outputs)} outputs but {len(answers)} answers")
     if num_options is not None and len(num_options) != len(outputs):
@@ -67,12 +62,26 @@ def score(
             not is_valid_option(o, n) for o, n in zip(outputs, num_options, strict=True)
         )
     n = len(outputs)
-    return {
+    return correct, {
         "accuracy": sum(correct) / n if n else 0.0,
         "num_correct": sum(correct),
         "num_examples": n,
         "format_errors": format_errors,
     }
+
+
+def score(
+    outputs: Sequence[str],
+    answers: Sequence[str],
+    num_options: Sequence[int] | None = None,
+) -> dict[str, float | int]:
+    """Accuracy and counts of model outputs against gold answers.
+
+    Returns ``accuracy`` (in [0, 1]), ``num_correct``, ``num_examples`` and
+    ``format_errors``: how many outputs of multiple-choice examples (``num_options[i] >
+    0``) are not one of the valid labels "(A)".. (always 0 without ``num_options``).
+    """
+    return judge(outputs, answers, num_options)[1]
 
 
 # ---------------------------------------------------------------------------------------

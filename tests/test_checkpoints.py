@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import ml_dtypes
@@ -32,6 +33,7 @@ from hir_jax.checkpoints import (  # noqa: E402
     flatten,
     hf_name_map,
     load_checkpoint,
+    load_config,
     load_hf,
     load_t5x,
     load_vocabulary,
@@ -403,6 +405,29 @@ def test_load_checkpoint_detects_formats_and_infers_t5x_config(hf_dirs, tmp_path
     given = config.replace(dropout_rate=0.0)
     assert load_checkpoint(tmp_path / "t5x/checkpoint_10", given)[0] is given
     assert config_from_params(params, base=config) == config
+
+
+def test_load_config_reads_no_weights(hf_dirs, tmp_path):
+    _, hf_dir = hf_dirs["v1_0"]
+    config, params = load_checkpoint(hf_dir)
+    ckpt = save_t5x(tmp_path / "t5x", params, step=1)
+    shutil.copytree(hf_dir, tmp_path / "hf")
+    # Garble every weight file: only configs and array metadata stay readable.
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"not weights")
+    chunks = [
+        p for p in Path(ckpt).rglob("*") if p.is_file() and p.name not in (".zarray", "checkpoint")
+    ]
+    assert chunks
+    for chunk in chunks:
+        chunk.write_bytes(b"not a chunk")
+    assert load_config(tmp_path / "hf") == config
+    assert load_config(tmp_path / "t5x").shape_dict() == config.shape_dict()
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "hf")
+    with pytest.raises(Exception):  # noqa: B017 - tensorstore's own decode error
+        load_checkpoint(tmp_path / "t5x")
+    with pytest.raises(ShapeMismatchError, match="d_ff"):
+        load_config(tmp_path / "t5x", config.replace(d_ff=config.d_ff * 2))
 
 
 def test_t5x_config_inference_v1_1():

@@ -165,6 +165,27 @@ def test_resume_refuses_another_model_shape(tmp_path, bigbench_dir, vocab):
         hir.run(model_config=bigger, **kw)
 
 
+def test_resume_reads_only_the_config_of_the_initial_checkpoint(tmp_path, bigbench_dir, vocab):
+    from hir_jax.checkpoints import save_hf
+    from hir_jax.model.t5 import init_params
+
+    config = get_config("tiny", vocab_size=vocab.vocab_size)
+    save_hf(tmp_path / "hf", config, init_params(config, jax.random.key(3)))
+    kw = dict(
+        model_dir=str(tmp_path / "run"),
+        task="pet_rule",
+        initial_checkpoint=str(tmp_path / "hf"),
+        vocabulary=lambda: vocab,
+        loop=hir.LoopConfig(method="zero_shot", max_test_examples=8, eval_max_new_tokens=3),
+        partitioner=make_partitioner(data=1, devices=jax.devices()[:1]),
+    )
+    first = hir.run(**kw)
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"weights gone")
+    assert hir.run(**kw) == first  # resumed from MODEL_DIR: the weights were not read
+    with pytest.raises(Exception, match="model.safetensors"):
+        hir.run(**{**kw, "model_dir": str(tmp_path / "fresh")})
+
+
 def test_replay_buffer_drops_duplicates_per_query():
     buf = hir.ReplayBuffer()
     assert buf.add(0, [5, 6], True) and buf.add(1, [5, 6], False)

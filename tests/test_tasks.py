@@ -249,6 +249,10 @@ def test_score_counts_format_errors():
     # never a format error.
     assert got == {"accuracy": 0.6, "num_correct": 3, "num_examples": 5, "format_errors": 2}
     assert metrics.score(outputs, answers)["format_errors"] == 0
+    assert metrics.judge(outputs, answers, [3, 3, 3, 3, 0]) == (
+        [True, False, False, True, True],
+        got,
+    )
     with pytest.raises(ValueError):
         metrics.score(["(A)"], [])
 

@@ -15,11 +15,19 @@ from hir_jax.checkpoints.errors import (
     UnexpectedTensorError,
     UnknownFormatError,
 )
-from hir_jax.checkpoints.hf import config_from_hf, config_to_hf, hf_name_map, load_hf, save_hf
+from hir_jax.checkpoints.hf import (
+    config_from_hf,
+    config_to_hf,
+    hf_name_map,
+    load_hf,
+    read_hf_config,
+    save_hf,
+)
 from hir_jax.checkpoints.io import (
     detect_format,
     find_vocabulary,
     load_checkpoint,
+    load_config,
     load_vocabulary,
 )
 from hir_jax.checkpoints.t5x import find_checkpoint, load_t5x, read_t5x, save_t5x
@@ -50,8 +58,10 @@ __all__ = [
     "flatten",
     "hf_name_map",
     "load_checkpoint",
+    "load_config",
     "load_hf",
     "load_t5x",
+    "read_hf_config",
     "load_vocabulary",
     "read_t5x",
     "save_hf",

@@ -304,8 +304,8 @@ def _as_dir(path: PathLike) -> Any:
     return path
 
 
-def load_hf(path: PathLike, config: T5Config | None = None) -> tuple[T5Config, Params]:
-    """Load an HF T5 checkpoint directory as ``(config, params)`` with fp32 numpy leaves.
+def read_hf_config(path: PathLike, config: T5Config | None = None) -> T5Config:
+    """The ``T5Config`` of an HF checkpoint directory (its config.json only).
 
     ``config``, when given, must agree with ``config.json`` on every shape-defining
     field; it is returned (so dtype, dropout etc. are the caller's).
@@ -317,10 +317,20 @@ def load_hf(path: PathLike, config: T5Config | None = None) -> tuple[T5Config, P
     if not config_path.exists():
         raise NoCheckpointError(f"{directory}: no {CONFIG_NAME} (not an HF checkpoint directory)")
     file_config = config_from_hf(read_json(config_path), str(config_path))
-    if config is not None:
-        _check_same_shapes(config, file_config, str(config_path))
-        file_config = config
-    config = file_config
+    if config is None:
+        return file_config
+    _check_same_shapes(config, file_config, str(config_path))
+    return config
+
+
+def load_hf(path: PathLike, config: T5Config | None = None) -> tuple[T5Config, Params]:
+    """Load an HF T5 checkpoint directory as ``(config, params)`` with fp32 numpy leaves.
+
+    The config is ``read_hf_config(path, config)``.
+    """
+    directory = _as_dir(path)
+    config_path = directory / CONFIG_NAME
+    config = read_hf_config(path, config)
     weights = _Weights(directory)
     names = hf_name_map(config)
     shapes = expected_shapes(config)

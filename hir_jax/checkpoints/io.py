@@ -74,18 +74,33 @@ def load_checkpoint(path: PathLike, config: T5Config | None = None) -> tuple[T5C
     shapes and is returned. T5X: the params are checked against ``config`` if given,
     otherwise the shape fields are inferred (other fields keep ``T5Config`` defaults).
     """
-    fmt = detect_format(path)
-    if fmt == "hf":
+    if detect_format(path) == "hf":
         return hf.load_hf(path, config)
     params, info = t5x.read_t5x(path)
     params = to_float32(params)
-    source = str(info["file"])
+    return _t5x_config(params, config, str(info["file"])), params
+
+
+def load_config(path: PathLike, config: T5Config | None = None) -> T5Config:
+    """The config ``load_checkpoint`` would return, without reading the weights.
+
+    HF: config.json. T5X: the shapes recorded in the checkpoint's metadata. Used when
+    resuming, where the weights come from our own checkpoint instead.
+    """
+    if detect_format(path) == "hf":
+        return hf.read_hf_config(path, config)
+    shapes, info = t5x.read_t5x(path, read_arrays=False)
+    return _t5x_config(shapes, config, str(info["file"]))
+
+
+def _t5x_config(params: Params, config: T5Config | None, source: str) -> T5Config:
+    """``config`` checked against T5X parameters (or their shapes), or inferred from them."""
     if config is None:
         config = config_from_params(params, source=source)
         log.info("%s: inferred %s", source, config)
     else:
         check_params(params, config, source)
-    return config, params
+    return config
 
 
 def find_vocabulary(path: PathLike) -> PathLike:

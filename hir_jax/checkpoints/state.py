@@ -67,6 +67,12 @@ class StateCheckpointer:
         self.manager.wait_until_finished()
         self.manager.close()
 
+    def __enter__(self) -> StateCheckpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def check_same_shape(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
     """Refuses to resume a checkpoint whose model shape differs from the configured one."""

@@ -20,6 +20,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
@@ -143,10 +144,12 @@ def _join_kvstore(kvstore: dict[str, Any], rel: str) -> dict[str, Any]:
     return {**kvstore, "path": f"{base}/{rel.strip('/')}/" if base else f"{rel.strip('/')}/"}
 
 
-def read_t5x(path: PathLike) -> tuple[Params, dict[str, Any]]:
+def read_t5x(path: PathLike, read_arrays: bool = True) -> tuple[Params, dict[str, Any]]:
     """``(params, info)`` from a T5X checkpoint; params keep their stored dtype.
 
-    ``info`` has "file" (the msgpack file), "version" and "step" (or None).
+    ``info`` has "file" (the msgpack file), "version" and "step" (or None). With
+    ``read_arrays=False`` the tensors stored out of line come back as
+    ``jax.ShapeDtypeStruct`` (only their metadata is read: enough to infer the config).
     """
     ckpt_file = find_checkpoint(path)
     raw = ckpt_file.read_bytes()
@@ -195,13 +198,16 @@ def read_t5x(path: PathLike) -> tuple[Params, dict[str, Any]]:
                 f"{ckpt_file}: tensor {name!r} is recorded with shape {tuple(meta_shape)} "
                 f"but its TensorStore array has shape {tuple(store.shape)}"
             )
-        reads[name] = store.read()
+        if read_arrays:
+            reads[name] = store.read()
+        else:
+            flat[name] = jax.ShapeDtypeStruct(tuple(store.shape), store.dtype.numpy_dtype)
     for name, future in reads.items():
         arr = np.asarray(future.result())
         if version <= 2 and arr.dtype == np.uint16:  # version 2 wrote bfloat16 as uint16
             arr = arr.view(ml_dtypes.bfloat16)
         flat[name] = arr
-    flat = {k: np.asarray(v) for k, v in flat.items()}
+    flat = {k: v if isinstance(v, jax.ShapeDtypeStruct) else np.asarray(v) for k, v in flat.items()}
     step = state.get("state", {}).get("step") if isinstance(state.get("state"), dict) else None
     if not isinstance(step, int | np.integer | np.ndarray) or np.size(step) != 1:
         step = None  # absent, or itself stored out of line
