@@ -21,11 +21,9 @@ import sentencepiece as spm
 import seqio
 from etils import epath
 
+from hir_jax.special_ids import EOS_ID, PAD_ID, UNK_ID
 from tasks import bigbench
 
-PAD_ID = 0
-EOS_ID = 1
-UNK_ID = 2
 DEFAULT_VOCAB_SIZE = 2048
 T5_EXTRA_IDS = 100
 CACHE_ENV_VAR = "HIR_JAX_CACHE"

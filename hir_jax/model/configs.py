@@ -1,14 +1,13 @@
-"""T5 configurations: the one place model sizes and special token ids are defined."""
+"""T5 configurations: the one place model sizes are defined (special ids re-exported)."""
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
 
-PAD_ID = 0
-EOS_ID = 1
-UNK_ID = 2
-DECODER_START_ID = PAD_ID
+from hir_jax.special_ids import DECODER_START_ID, EOS_ID, PAD_ID, UNK_ID
+
+__all__ = ["CONFIGS", "DECODER_START_ID", "EOS_ID", "PAD_ID", "UNK_ID", "T5Config", "get_config"]
 
 
 @dataclasses.dataclass(frozen=True)
