@@ -445,17 +445,25 @@ def create_train_state(
     rng: Array,
 ) -> TrainState:
     """A sharded ``TrainState`` at step 0: ``params`` placed on the mesh, optimizer state
-    initialised directly in its sharded layout (never materialised on one device)."""
+    initialised directly in its sharded layout.
+
+    Host (NumPy) parameters, as checkpoints load, are placed without an extra device
+    copy. Device arrays are copied, so that the caller's stay valid: train steps donate
+    the state (``device_put`` alone may alias a replicated shard to its source buffer).
+    """
     shardings = train_state_shardings(config, optimizer, partitioner)
+    on_device = any(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
     params = jax.device_put(params, shardings.params)
-    rng_data = jax.device_put(_key_data(rng), partitioner.replicated)
-
-    def init(p: Any, r: Array) -> TrainState:
-        return TrainState(
-            step=jnp.zeros((), jnp.int32), params=p, opt_state=optimizer.tx.init(p), rng=r
-        )
-
-    return jax.jit(init, out_shardings=shardings)(params, rng_data)
+    if on_device:
+        copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings.params)
+        params = copy(params)
+    opt_state = jax.jit(optimizer.tx.init, out_shardings=shardings.opt_state)(params)
+    return TrainState(
+        step=jax.device_put(np.zeros((), np.int32), shardings.step),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.device_put(_key_data(rng), shardings.rng),
+    )
 
 
 # --------------------------------------------------------------------------- train step
