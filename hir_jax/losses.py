@@ -34,7 +34,7 @@ negatives are those of the microbatch (inherent to InfoNCE).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +225,35 @@ def finalize_metrics(metrics: Mapping[str, Array]) -> dict[str, Array]:
     return out
 
 
+def token_stats(
+    pos_logits: Array,
+    neg_logits: Array | None,
+    targets: Array,
+    weights: Array,
+    *,
+    label_smoothing: float = 0.2,
+) -> dict[str, Array]:
+    """Per-example token sums ``[B]`` that every term of ``hir_loss`` is built from.
+
+    ``nll`` (label-smoothed), ``entropy``, ``hits`` (argmax == target) and ``pos_ll``
+    (and ``neg_ll`` with ``neg_logits``: log-likelihood of the target under the negative
+    instruction). Being sums over positions, stats of slices of the sequence add up to
+    the stats of the whole: that is what lets the train step compute the logits a slice
+    at a time (``LossConfig.logits_chunk``).
+    """
+    weights = jnp.asarray(weights, jnp.float32)
+    pos_lp = _log_probs(pos_logits)  # computed once: [B, L, V] float32
+    stats = {
+        "nll": _lsnll(pos_lp, targets, weights, label_smoothing)[0],
+        "entropy": _entropy(pos_lp, weights)[0],
+        "hits": token_accuracy(pos_logits, targets, weights)[0],
+        "pos_ll": _seq_ll(pos_lp, targets, weights, mean=False),
+    }
+    if neg_logits is not None:
+        stats["neg_ll"] = _seq_ll(_log_probs(neg_logits), targets, weights, mean=False)
+    return stats
+
+
 def hir_loss(
     pos_logits: Array,
     neg_logits: Array | None,
@@ -232,6 +261,23 @@ def hir_loss(
     weights: Array,
     *,
     label_smoothing: float = 0.2,
+    **kwargs: Any,
+) -> tuple[Array, dict[str, Array]]:
+    """HIR loss = label-smoothed NLL + alpha * contrastive - beta * entropy.
+
+    ``pos_logits``/``neg_logits``: decoder logits of the same target under the positive
+    and negative instruction (``neg_logits`` may be None when ``contrastive="none"`` or
+    ``alpha == 0``). NLL, entropy and token accuracy use ``pos_logits``. The other
+    keywords are ``hir_loss_from_stats``'s (defaults: the released code).
+    """
+    stats = token_stats(pos_logits, neg_logits, targets, weights, label_smoothing=label_smoothing)
+    return hir_loss_from_stats(stats, weights, **kwargs)
+
+
+def hir_loss_from_stats(
+    stats: Mapping[str, Array],
+    weights: Array,
+    *,
     contrastive: ContrastiveKind = "binary",
     contrastive_eps: float = 0.2,
     contrastive_log_eps: float = RELEASED_LOG_EPS,
@@ -243,13 +289,10 @@ def hir_loss(
     num_examples: Array | float | None = None,
     num_tokens: Array | float | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """HIR loss = label-smoothed NLL + alpha * contrastive - beta * entropy.
+    """``hir_loss`` from ``token_stats`` (of the whole sequence, or summed over slices).
 
-    ``pos_logits``/``neg_logits``: decoder logits of the same target under the positive
-    and negative instruction (``neg_logits`` may be None when ``contrastive="none"`` or
-    ``alpha == 0``). NLL, entropy and token accuracy use ``pos_logits``. Defaults are the
-    released code's (eps 0.2, binary contrastive with eps 0.2, alpha 1, beta 0.001, every
-    term a per-example mean averaged over examples). ``in_batch`` needs
+    Defaults are the released code's (binary contrastive with eps 0.2, alpha 1, beta
+    0.001, every term a per-example mean averaged over examples). ``in_batch`` needs
     ``positive_is_correct`` ``[B]`` and scores examples by their ``in_batch_score`` (mean
     or sum token log-likelihood). ``num_examples``/``num_tokens``: normalisers of the whole
     batch when this call is one microbatch (see the module doc); default: this batch's.
@@ -270,19 +313,16 @@ def hir_loss(
     own_examples, own_tokens = jnp.sum(example_ok), jnp.sum(n_i)
     num_examples = own_examples if num_examples is None else num_examples
     num_tokens = own_tokens if num_tokens is None else num_tokens
-
-    pos_lp = _log_probs(pos_logits)  # computed once: [B, L, V] float32
-    nll_sum_i, _ = _lsnll(pos_lp, targets, weights, label_smoothing)
-    ent_sum_i, _ = _entropy(pos_lp, weights)
-    hits_i, _ = token_accuracy(pos_logits, targets, weights)
+    nll_sum_i, ent_sum_i, hits_i = stats["nll"], stats["entropy"], stats["hits"]
 
     use_contrastive = contrastive != "none" and alpha != 0
     if use_contrastive:
-        if neg_logits is None:
+        if "neg_ll" not in stats:
             raise ValueError(f"contrastive={contrastive!r} needs neg_logits")
         mean = contrastive == "binary" or in_batch_score == "mean"
-        pos_s = _seq_ll(pos_lp, targets, weights, mean)
-        neg_s = _seq_ll(_log_probs(neg_logits), targets, weights, mean)
+        pos_s, neg_s = stats["pos_ll"], stats["neg_ll"]
+        if mean:
+            pos_s, neg_s = _safe_div(pos_s, n_i), _safe_div(neg_s, n_i)
         if contrastive == "binary":
             con_i = binary_contrastive(
                 pos_s, neg_s, epsilon=contrastive_eps, log_eps=contrastive_log_eps

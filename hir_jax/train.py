@@ -46,7 +46,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from hir_jax import losses
 from hir_jax.model.configs import T5Config
-from hir_jax.model.t5 import T5, param_shapes
+from hir_jax.model.t5 import T5, lm_head, param_shapes
 from hir_jax.partitioning import Partitioner, PartitioningError
 
 Array = jax.Array
@@ -202,10 +202,16 @@ class LossConfig:
     beta: float = 0.001
     normalisation: losses.Normalisation = "example"
     in_batch_score: Literal["mean", "sum"] = "mean"
+    # Train step only: compute the [batch, length, vocab] logits this many decoder
+    # positions at a time, recomputed in the backward pass (None: all at once). Same
+    # loss and gradients; the logits' memory shrinks from the whole length to one chunk.
+    logits_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("hir", "nll"):
             raise ValueError(f"LossConfig.kind must be 'hir' or 'nll', got {self.kind!r}")
+        if self.logits_chunk is not None and self.logits_chunk < 1:
+            raise ValueError(f"LossConfig.logits_chunk must be positive, got {self.logits_chunk}")
 
     @property
     def needs_negative(self) -> bool:
@@ -225,15 +231,27 @@ def _pad_to(x: Array, length: int) -> Array:
 
 
 def _logits(
-    model: T5, params: Any, batch: Batch, rng: Array | None, with_negative: bool
+    model: T5,
+    params: Any,
+    batch: Batch,
+    rng: Array | None,
+    with_negative: bool,
+    hidden: bool = False,
 ) -> tuple[Array, Array | None]:
-    """Decoder logits under the positive (and negative) instruction, one model call."""
+    """Decoder logits under the positive (and negative) instruction, one model call
+    (``hidden=True``: the decoder outputs before the head, ``T5.hidden``)."""
     enable_dropout = model.config.dropout_rate > 0 and rng is not None
     rngs = {"dropout": rng} if enable_dropout else None
+    method = T5.hidden if hidden else None
     dec = batch[DEC_IN]
     if not with_negative:
         out = model.apply(
-            {"params": params}, batch[POS], dec, enable_dropout=enable_dropout, rngs=rngs
+            {"params": params},
+            batch[POS],
+            dec,
+            enable_dropout=enable_dropout,
+            rngs=rngs,
+            method=method,
         )
         return out, None
     pos, neg = batch[POS], batch[NEG]
@@ -242,9 +260,78 @@ def _logits(
     # Interleave rows (pos_0, neg_0, pos_1, ...): each device keeps its own examples.
     enc = jnp.stack([_pad_to(pos, length), _pad_to(neg, length)], axis=1).reshape(2 * b, length)
     dec2 = jnp.repeat(dec, 2, axis=0)
-    out = model.apply({"params": params}, enc, dec2, enable_dropout=enable_dropout, rngs=rngs)
+    out = model.apply(
+        {"params": params}, enc, dec2, enable_dropout=enable_dropout, rngs=rngs, method=method
+    )
     out = out.reshape((b, 2) + out.shape[1:])
     return out[:, 0], out[:, 1]
+
+
+def _chunked_token_stats(
+    config: T5Config,
+    params: Any,
+    pos_hidden: Array,
+    neg_hidden: Array | None,
+    targets: Array,
+    weights: Array,
+    label_smoothing: float,
+    chunk: int,
+) -> dict[str, Array]:
+    """``losses.token_stats`` summed over slices of ``chunk`` decoder positions.
+
+    A ``lax.scan`` over the slices whose body is rematerialised: the backward pass
+    recomputes each slice's logits instead of keeping all of them.
+    """
+    b, length = targets.shape
+    n = -(-length // chunk)
+    pad = n * chunk - length
+
+    def slices(x: Array) -> Array:  # [B, L, ...] -> [n, B, chunk, ...], zero-padded
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape((b, n, chunk) + x.shape[2:]), 0, 1)
+
+    xs = {"pos": slices(pos_hidden), "targets": slices(targets), "weights": slices(weights)}
+    if neg_hidden is not None:
+        xs["neg"] = slices(neg_hidden)
+
+    @jax.checkpoint
+    def body(total: dict[str, Array], x: dict[str, Array]) -> tuple[dict[str, Array], None]:
+        neg = lm_head(config, params, x["neg"]) if "neg" in x else None
+        stats = losses.token_stats(
+            lm_head(config, params, x["pos"]),
+            neg,
+            x["targets"],
+            x["weights"],
+            label_smoothing=label_smoothing,
+        )
+        return jax.tree.map(jnp.add, total, stats), None
+
+    names = ["nll", "entropy", "hits", "pos_ll"] + (["neg_ll"] if neg_hidden is not None else [])
+    zeros = {k: jnp.zeros((b,), jnp.float32) for k in names}
+    total, _ = jax.lax.scan(body, zeros, xs)
+    return total
+
+
+def _loss_from_stats(
+    loss: LossConfig, stats: dict[str, Array], batch: Batch, norms: tuple[Array, Array]
+) -> tuple[Array, Metrics]:
+    """``losses.hir_loss_from_stats`` with ``loss``'s settings (NLL: no contrastive
+    term, beta 0)."""
+    hir = loss.kind == "hir"
+    return losses.hir_loss_from_stats(
+        stats,
+        batch[WEIGHTS],
+        contrastive=loss.contrastive if hir else "none",
+        contrastive_eps=loss.contrastive_eps,
+        contrastive_log_eps=loss.contrastive_log_eps,
+        alpha=loss.alpha if hir else 0.0,
+        beta=loss.beta if hir else 0.0,
+        normalisation=loss.normalisation,
+        in_batch_score=loss.in_batch_score,
+        positive_is_correct=batch.get(POS_IS_CORRECT),
+        num_examples=norms[0],
+        num_tokens=norms[1],
+    )
 
 
 def _loss_from_logits(
@@ -254,34 +341,14 @@ def _loss_from_logits(
     batch: Batch,
     norms: tuple[Array, Array],
 ) -> tuple[Array, Metrics]:
-    targets, weights = batch[TARGETS], batch[WEIGHTS]
-    if loss.kind == "nll":
-        return losses.nll_loss(
-            pos_logits,
-            targets,
-            weights,
-            label_smoothing=loss.label_smoothing,
-            normalisation=loss.normalisation,
-            num_examples=norms[0],
-            num_tokens=norms[1],
-        )
-    return losses.hir_loss(
+    stats = losses.token_stats(
         pos_logits,
-        neg_logits,
-        targets,
-        weights,
+        neg_logits if loss.needs_negative else None,
+        batch[TARGETS],
+        batch[WEIGHTS],
         label_smoothing=loss.label_smoothing,
-        contrastive=loss.contrastive,
-        contrastive_eps=loss.contrastive_eps,
-        contrastive_log_eps=loss.contrastive_log_eps,
-        alpha=loss.alpha,
-        beta=loss.beta,
-        normalisation=loss.normalisation,
-        in_batch_score=loss.in_batch_score,
-        positive_is_correct=batch.get(POS_IS_CORRECT),
-        num_examples=norms[0],
-        num_tokens=norms[1],
     )
+    return _loss_from_stats(loss, stats, batch, norms)
 
 
 def _loss(
@@ -292,8 +359,21 @@ def _loss(
     rng: Array | None,
     norms: tuple[Array, Array],
 ) -> tuple[Array, Metrics]:
-    pos_logits, neg_logits = _logits(model, params, batch, rng, loss.needs_negative)
-    return _loss_from_logits(loss, pos_logits, neg_logits, batch, norms)
+    chunked = loss.logits_chunk is not None
+    pos, neg = _logits(model, params, batch, rng, loss.needs_negative, hidden=chunked)
+    if not chunked:
+        return _loss_from_logits(loss, pos, neg, batch, norms)
+    stats = _chunked_token_stats(
+        model.config,
+        params,
+        pos,
+        neg,
+        batch[TARGETS],
+        batch[WEIGHTS],
+        loss.label_smoothing,
+        loss.logits_chunk,
+    )
+    return _loss_from_stats(loss, stats, batch, norms)
 
 
 def _additive(metrics: Metrics) -> Metrics:

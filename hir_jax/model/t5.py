@@ -329,7 +329,7 @@ class DecoderLayer(nn.Module):
 def _layer_cls(cls: type[nn.Module], cfg: T5Config, static_argnums: tuple[int, ...]) -> Any:
     if not cfg.remat:
         return cls
-    return nn.remat(cls, static_argnums=static_argnums, prevent_cse=False)
+    return nn.remat(cls, static_argnums=static_argnums, prevent_cse=True)
 
 
 class Encoder(nn.Module):
@@ -366,6 +366,7 @@ class Decoder(nn.Module):
         deterministic: bool,
         decode: bool = False,
         max_decode_length: int | None = None,
+        return_hidden: bool = False,
     ) -> Array:
         cfg = self.config
         drop = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))
@@ -403,6 +404,8 @@ class Decoder(nn.Module):
             )
         x = RMSNorm(cfg, name="decoder_norm")(x)
         x = drop(x, deterministic=deterministic)
+        if return_hidden:  # the head is applied later (``lm_head``), e.g. in chunks
+            return x
         if cfg.tie_word_embeddings:
             # T5 v1.0: head tied to the embedding, rescaled by d_model**-0.5.
             x = x.astype(jnp.float32) * (cfg.d_model**-0.5)
@@ -473,6 +476,24 @@ class T5(nn.Module):
             encoded, encoder_input_tokens, decoder_input_tokens, enable_dropout=enable_dropout
         )
 
+    def hidden(
+        self,
+        encoder_input_tokens: Array,
+        decoder_input_tokens: Array,
+        *,
+        enable_dropout: bool = False,
+    ) -> Array:
+        """Teacher-forced decoder outputs before the head ``[batch, length, d_model]``:
+        ``lm_head(config, params, hidden)`` gives ``__call__``'s logits."""
+        encoded = self.encode(encoder_input_tokens, enable_dropout=enable_dropout)
+        return self.decoder(
+            encoded,
+            encoder_input_tokens,
+            decoder_input_tokens,
+            deterministic=not enable_dropout,
+            return_hidden=True,
+        )
+
     def init_cache(
         self,
         encoded: Array,
@@ -499,6 +520,28 @@ class T5(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def lm_head(config: T5Config, params: Any, hidden: Array) -> Array:
+    """The decoder's output head on ``T5.hidden`` outputs: float32 logits ``[..., vocab]``.
+
+    The same operations as the head inside ``Decoder`` (v1.1: the untied
+    ``logits_dense`` in float32; v1.0: the embedding in ``config.dtype`` after the
+    d_model**-0.5 rescale), so a slice of positions gives that slice of the logits.
+    """
+    if config.tie_word_embeddings:
+        x = hidden.astype(jnp.float32) * (config.d_model**-0.5)
+        dtype = jnp.dtype(config.dtype)
+        emb = params["token_embedder"]["embedding"]
+        logits = jnp.dot(x.astype(dtype), emb.astype(dtype).T)
+    else:
+        kernel = params["decoder"]["logits_dense"]["kernel"]
+        logits = jax.lax.dot_general(
+            hidden.astype(jnp.float32),
+            kernel.astype(jnp.float32),
+            (((hidden.ndim - 1,), (0,)), ((), ())),
+        )
+    return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
 
 def _dummy_inputs(batch: int = 1, length: int = 1) -> tuple[Array, Array]:
