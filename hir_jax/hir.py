@@ -262,6 +262,31 @@ class Preempted(Exception):
     """Raised after the state was saved because of SIGTERM."""
 
 
+class _MetricSums:
+    """Running sums of the train step's scalar metrics, read from the device one step late
+    (reading a step's metrics waits for that step; the step after it is already queued)."""
+
+    KEYS = ("loss", "nll", "contrastive", "entropy", "token_accuracy", "grad_norm")
+
+    def __init__(self, sums: dict[str, float]) -> None:
+        self._sums = dict(sums)
+        self._pending: dict[str, jax.Array] | None = None
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self.read()
+        self._pending = metrics
+
+    def read(self) -> dict[str, float]:
+        """The sums over every step added so far."""
+        if self._pending is not None:
+            m, self._pending = jax.device_get(self._pending), None
+            for k in self.KEYS:
+                if k in m:
+                    self._sums[k] = self._sums.get(k, 0.0) + float(m[k])
+            self._sums["steps"] = self._sums.get("steps", 0.0) + 1
+        return dict(self._sums)
+
+
 # --------------------------------------------------------------------------- the loop
 
 
@@ -522,22 +547,15 @@ class HIRLoop:
             self.model, self.optimizer, self.partitioner, loss=nll,
             num_microbatches=loop.num_microbatches,
         )  # fmt: skip
-        per_epoch = -(-len(examples) // loop.batch_size)
-        total, losses_sum = 0, 0.0
-        bar = metrics_log.progress(total=per_epoch * loop.warmup_epochs, desc="warm-up")
-        for epoch in range(loop.warmup_epochs):
-            order = np.random.default_rng([self.seed, 0, _WARMUP, epoch]).permutation(len(examples))
-            for idx in _batches(len(examples), loop.batch_size):
-                chosen = order[idx]
-                feats = self._batch_features([examples[i] for i in chosen], nll)
-                self.state, m = step(self.state, feats)
-                losses_sum += float(jax.device_get(m["loss"]))
-                total += 1
-                bar.update(1)
-            if self.preemption.should_stop():
-                raise Preempted()  # round 0 is redone on restart
-        bar.close()
-        return {"warmup_nll": losses_sum / max(total, 1), "warmup_steps": total}
+        out = self._train_epochs(
+            step,
+            np.arange(len(examples)),
+            loop.warmup_epochs,
+            _WARMUP,
+            lambda chosen, _: self._batch_features([examples[i] for i in chosen], nll),
+            desc="warm-up",
+        )
+        return {"warmup_nll": out["loss"], "warmup_steps": int(out["train_steps"])}
 
     def _split_buffer(self) -> tuple[np.ndarray, np.ndarray]:
         """This round's held-out and training indices (shuffled; training part capped)."""
@@ -548,50 +566,70 @@ class HIRLoop:
         return order[:n_hold], order[n_hold:][:cap]
 
     def train_round(self) -> dict[str, float]:
-        """E epochs over this round's training part; resumes mid-round after preemption."""
+        """E epochs over this round's training part (and the held-out perplexity)."""
         holdout, train_idx = self._split_buffer()
+        out = self._train_epochs(
+            self.train_step,
+            train_idx,
+            self.loop.epochs,
+            _TRAIN,
+            self._features,
+            desc=f"train r{self.round}",
+        )
+        if len(holdout):
+            out.update(self._holdout_perplexity(holdout))
+        return out
+
+    def _train_epochs(
+        self,
+        step_fn: Callable[..., Any],
+        items: np.ndarray,
+        epochs: int,
+        stream: int,
+        features: Callable[[np.ndarray, int], dict[str, np.ndarray]],
+        desc: str,
+    ) -> dict[str, float]:
+        """``epochs`` shuffled passes over ``items`` in batches; mean step metrics.
+
+        Resumes after the ``step_in_round`` steps done before an interruption; checkpoints
+        every ``checkpoint_every_steps`` and on SIGTERM. Each step's metrics are read one
+        step late, so the host builds the next batch while the device trains.
+        """
         bs = self.loop.batch_size
-        per_epoch = -(-len(train_idx) // bs)
-        total = per_epoch * self.loop.epochs
-        sums = dict(self.round_metrics.get("train_sums", {}))
-        start = time.perf_counter()
-        examples_done = 0
-        bar = metrics_log.progress(total=total, desc=f"train r{self.round}", unit="step")
+        total = -(-len(items) // bs) * epochs
+        sums = _MetricSums(self.round_metrics.get("train_sums", {}))
+        start, examples_done = time.perf_counter(), 0
+        bar = metrics_log.progress(total=total, desc=desc, unit="step")
         bar.update(self.step_in_round)
         counter = 0
-        for epoch in range(self.loop.epochs):
-            perm = np.random.default_rng([self.seed, self.round, _TRAIN, epoch]).permutation(
-                train_idx
-            )
-            for b in range(per_epoch):
+        for epoch in range(epochs):
+            rng = np.random.default_rng([self.seed, self.round, stream, epoch])
+            perm = rng.permutation(items)
+            for idx in _batches(len(items), bs):
                 counter += 1
                 if counter <= self.step_in_round:
                     continue  # done before the interruption
-                feats = self._features(perm[b * bs : (b + 1) * bs], epoch)
-                self.state, m = self.train_step(self.state, feats)
-                m = jax.device_get(m)
-                for k in ("loss", "nll", "contrastive", "entropy", "token_accuracy", "grad_norm"):
-                    if k in m:
-                        sums[k] = sums.get(k, 0.0) + float(m[k])
-                sums["steps"] = sums.get("steps", 0.0) + 1
+                feats = features(perm[idx], epoch)
+                self.state, m = step_fn(self.state, feats)
+                sums.add(m)
                 examples_done += int(np.sum(np.any(feats["decoder_loss_weights"] > 0, axis=1)))
                 self.step_in_round = counter
                 bar.update(1)
-                self.round_metrics["train_sums"] = sums
                 every = self.loop.checkpoint_every_steps
                 stop = self.preemption.should_stop()
                 if stop or (every and counter % every == 0 and counter < total):
+                    self.round_metrics["train_sums"] = sums.read()
                     self.save()
                     if stop:
                         bar.close()
                         raise Preempted()
         bar.close()
-        n = max(sums.get("steps", 0.0), 1.0)
-        out = {k: v / n for k, v in sums.items() if k != "steps"}
-        out["train_steps"] = sums.get("steps", 0.0)
+        totals = sums.read()
+        self.round_metrics["train_sums"] = totals
+        n = max(totals.get("steps", 0.0), 1.0)
+        out = {k: v / n for k, v in totals.items() if k != "steps"}
+        out["train_steps"] = totals.get("steps", 0.0)
         out["examples_per_s"] = examples_done / max(time.perf_counter() - start, 1e-9)
-        if len(holdout):
-            out.update(self._holdout_perplexity(holdout))
         return out
 
     def _holdout_perplexity(self, holdout: np.ndarray) -> dict[str, float]:

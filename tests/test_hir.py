@@ -10,7 +10,7 @@ import gin
 import jax
 import numpy as np
 import pytest
-from run_py_helpers import REPO, metric_lines, quick_args, run_py, wait_for_test_line
+from run_py_helpers import REPO, TIMING, metric_lines, quick_args, run_py, wait_for_test_line
 
 from hir_jax import hir, metrics_log
 from hir_jax.model.configs import get_config
@@ -184,6 +184,49 @@ def test_resume_reads_only_the_config_of_the_initial_checkpoint(tmp_path, bigben
     assert hir.run(**kw) == first  # resumed from MODEL_DIR: the weights were not read
     with pytest.raises(Exception, match="model.safetensors"):
         hir.run(**{**kw, "model_dir": str(tmp_path / "fresh")})
+
+
+def test_preemption_mid_warm_up_resumes_to_the_same_run(tmp_path, bigbench_dir, vocab, monkeypatch):
+    # One HIR round after a 2-epoch warm-up; SIGTERM (as the loop sees it) at warm-up step 3.
+    kw = dict(
+        task="pet_rule",
+        model_config=get_config("tiny", vocab_size=vocab.vocab_size),
+        vocabulary=lambda: vocab,
+        loop=hir.LoopConfig(
+            num_rounds=1,
+            samples_per_query=2,
+            max_new_tokens=4,
+            eval_max_new_tokens=4,
+            epochs=1,
+            batch_size=16,
+            max_train_examples=32,
+            max_test_examples=8,
+            warmup_task="hat_guess",
+            warmup_epochs=2,
+            checkpoint_every_steps=100,
+        ),
+        partitioner=make_partitioner(data=1, devices=jax.devices()[:1]),
+    )
+    full = hir.run(model_dir=str(tmp_path / "full"), **kw)
+
+    calls = []
+
+    def stop_at_third(self):
+        calls.append(1)
+        return len(calls) == 3
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hir.Preemption, "should_stop", stop_at_third)
+        with pytest.raises(hir.Preempted):
+            hir.run(model_dir=str(tmp_path / "cut"), **kw)
+    saved = sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert saved == [hir.checkpoint_id(0, 3)]  # mid-warm-up, round 0 step 3
+    resumed = hir.run(model_dir=str(tmp_path / "cut"), **kw)
+    assert {k: v for k, v in resumed.items() if k not in TIMING} == {
+        k: v for k, v in full.items() if k not in TIMING
+    }
+    assert metric_lines(tmp_path / "cut") == metric_lines(tmp_path / "full")
+    assert metric_lines(tmp_path / "full")[0]["warmup_steps"] > 3
 
 
 def test_replay_buffer_drops_duplicates_per_query():
