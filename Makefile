@@ -40,3 +40,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/forward.py
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/checkpoint_load.py

@@ -772,7 +772,7 @@ def _model_and_vocabulary(
     if initial_checkpoint and not weights:
         config = load_config(initial_checkpoint, config)
     elif initial_checkpoint:
-        config, params = load_checkpoint(initial_checkpoint, config)
+        config, params = load_checkpoint(initial_checkpoint, config, lazy=True)
     if initial_checkpoint:
         try:
             vocab = load_vocabulary(initial_checkpoint)

@@ -45,6 +45,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from hir_jax import losses
+from hir_jax.checkpoints import lazy
 from hir_jax.model.configs import T5Config
 from hir_jax.model.t5 import T5, lm_head, param_shapes
 from hir_jax.partitioning import Partitioner, PartitioningError
@@ -527,13 +528,14 @@ def create_train_state(
     """A sharded ``TrainState`` at step 0: ``params`` placed on the mesh, optimizer state
     initialised directly in its sharded layout.
 
-    Host (NumPy) parameters, as checkpoints load, are placed without an extra device
-    copy. Device arrays are copied, so that the caller's stay valid: train steps donate
+    Host (NumPy) parameters are placed without an extra device copy; ``LazyTensor``
+    leaves (``load_checkpoint(..., lazy=True)``) are read one addressable shard at a
+    time. Device arrays are copied, so that the caller's stay valid: train steps donate
     the state (``device_put`` alone may alias a replicated shard to its source buffer).
     """
     shardings = train_state_shardings(config, optimizer, partitioner)
     on_device = any(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
-    params = jax.device_put(params, shardings.params)
+    params = lazy.place(params, shardings.params)
     if on_device:
         copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings.params)
         params = copy(params)

@@ -101,7 +101,16 @@ batch = {"x": np.arange(8 * 3).reshape(8, 3)}          # the same global batch o
 x = p.shard_batch(batch)["x"]
 local_rows = sorted({int(v) // 3 for s in x.addressable_shards for v in s.data[:, 0]})
 doubled = jax.jit(lambda a: a * 2, out_shardings=p.batch_sharding)(x)
+from hir_jax.checkpoints.lazy import LazyTensor, place   # a checkpoint tensor, read lazily
+full, reads = np.arange(8 * 4, dtype=np.float32).reshape(8, 4), []
+def read(index):
+    reads.append([[s.start, s.stop] for s in index])
+    return full[index]
+sharding = jax.sharding.NamedSharding(p.mesh, jax.sharding.PartitionSpec("data", "model"))
+placed = place(LazyTensor(full.shape, np.float32, read, "test"), sharding)
 print(json.dumps({
+    "reads": reads,
+    "placed": part.to_host(placed).tolist(),
     "process": jax.process_index(),
     "local_rows": local_rows,
     "whole": part.to_host(doubled).tolist(),
@@ -137,6 +146,14 @@ def test_multihost_primitives_agree_across_processes():
     # Each host placed only its own devices' rows, and together they cover the batch.
     rows = results[0]["local_rows"] + results[1]["local_rows"]
     assert sorted(rows) == list(range(8)), rows  # disjoint halves
+    # A lazily read tensor sharded over (data, model): each host read its own 2 quarters.
+    full = __import__("numpy").arange(32).reshape(8, 4).tolist()
+    assert all(r["placed"] == full for r in results)
+    quarters = [q for r in results for q in r["reads"]]
+    assert len(quarters) == 4 and all(len(r["reads"]) == 2 for r in results), quarters
+    assert sorted(map(str, quarters)) == sorted(
+        map(str, [[[a, a + 4], [b, b + 2]] for a in (0, 4) for b in (0, 2)])
+    )
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,7 @@ from hir_jax.checkpoints.errors import (
     UnexpectedTensorError,
     UnknownFormatError,
 )
+from hir_jax.checkpoints.lazy import LazyTensor, from_array, materialize
 from hir_jax.checkpoints.tree import Params, check_params, expected_shapes, flatten, unflatten
 from hir_jax.model.configs import DECODER_START_ID, EOS_ID, PAD_ID, T5Config
 from hir_jax.paths import PathLike, as_path, read_json, write_json
@@ -286,14 +287,15 @@ class _Weights:
             self.shapes[name] = tuple(arr.shape)
             self.files[name] = path
 
-    def read(self, names: list[str]) -> dict[str, np.ndarray]:
-        out = {n: self._torch[n] for n in names if n in self._torch}
+    def lazy(self, names: list[str]) -> dict[str, LazyTensor]:
+        """``names`` as ``LazyTensor``s (in their stored dtype)."""
+        out = {n: from_array(self._torch[n], str(self.files[n])) for n in names if n in self._torch}
         by_file: dict[Any, list[str]] = {}
         for name in names:
             if name not in out:
                 by_file.setdefault(self.files[name], []).append(name)
         for path, file_names in by_file.items():
-            out.update(safetensors_io.read_tensors(path, file_names))
+            out.update(safetensors_io.lazy_tensors(path, file_names))
         return out
 
 
@@ -323,10 +325,13 @@ def read_hf_config(path: PathLike, config: T5Config | None = None) -> T5Config:
     return config
 
 
-def load_hf(path: PathLike, config: T5Config | None = None) -> tuple[T5Config, Params]:
+def load_hf(
+    path: PathLike, config: T5Config | None = None, lazy: bool = False
+) -> tuple[T5Config, Params]:
     """Load an HF T5 checkpoint directory as ``(config, params)`` with fp32 numpy leaves.
 
-    The config is ``read_hf_config(path, config)``.
+    The config is ``read_hf_config(path, config)``. ``lazy=True``: the leaves are fp32
+    ``LazyTensor``s (names and shapes checked, nothing read yet; see ``lazy.place``).
     """
     directory = _as_dir(path)
     config_path = directory / CONFIG_NAME
@@ -359,14 +364,14 @@ def load_hf(path: PathLike, config: T5Config | None = None) -> tuple[T5Config, P
             f"{' ...' if len(extra) > 5 else ''}"
         )
 
-    arrays = weights.read(sorted(used))
+    stored = weights.lazy(sorted(used))
     flat = {}
     for ours, (theirs, transpose) in names.items():
-        arr = np.asarray(arrays[theirs]).astype(np.float32)
-        flat[ours] = np.ascontiguousarray(arr.T) if transpose else arr
+        tensor = stored[theirs].astype(np.float32)
+        flat[ours] = tensor.T if transpose else tensor
     params = unflatten(flat)
     check_params(params, config, str(directory))
-    return config, params
+    return config, params if lazy else materialize(params)
 
 
 def _brief(config: T5Config, source: str) -> str:

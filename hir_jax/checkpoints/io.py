@@ -67,16 +67,20 @@ def detect_format(path: PathLike) -> Format:
     )
 
 
-def load_checkpoint(path: PathLike, config: T5Config | None = None) -> tuple[T5Config, Params]:
+def load_checkpoint(
+    path: PathLike, config: T5Config | None = None, lazy: bool = False
+) -> tuple[T5Config, Params]:
     """Load an HF or T5X checkpoint as ``(config, params)`` (fp32 numpy leaves).
 
     HF: the config comes from config.json; a given ``config`` must agree with it on
     shapes and is returned. T5X: the params are checked against ``config`` if given,
     otherwise the shape fields are inferred (other fields keep ``T5Config`` defaults).
+    ``lazy=True``: large leaves are fp32 ``LazyTensor``s, read a shard at a time when
+    ``lazy.place`` (``create_train_state``) puts them on the mesh.
     """
     if detect_format(path) == "hf":
-        return hf.load_hf(path, config)
-    params, info = t5x.read_t5x(path)
+        return hf.load_hf(path, config, lazy=lazy)
+    params, info = t5x.read_t5x(path, lazy=lazy)
     params = to_float32(params)
     return _t5x_config(params, config, str(info["file"])), params
 
@@ -89,7 +93,7 @@ def load_config(path: PathLike, config: T5Config | None = None) -> T5Config:
     """
     if detect_format(path) == "hf":
         return hf.read_hf_config(path, config)
-    shapes, info = t5x.read_t5x(path, read_arrays=False)
+    shapes, info = t5x.read_t5x(path, lazy=True)
     return _t5x_config(shapes, config, str(info["file"]))
 
 

@@ -9,7 +9,9 @@ cannot return bfloat16, so tensors are read from their byte ranges here, with
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,7 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from hir_jax.checkpoints.errors import CheckpointError, MissingTensorError
-from hir_jax.paths import PathLike, as_path
+from hir_jax.checkpoints.lazy import Index, LazyTensor
+from hir_jax.paths import PathLike, as_path, is_gcs
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
@@ -61,36 +64,76 @@ def read_header(path: PathLike) -> tuple[dict[str, Any], int]:
     return header, 8 + n
 
 
+def _layout(path: Any, header: Mapping[str, Any], name: str) -> tuple[np.dtype, tuple, int, int]:
+    """(dtype, shape, begin, end) of tensor ``name``, checked against its byte range."""
+    if name not in header:
+        raise MissingTensorError(f"{path}: missing tensor {name!r}")
+    info = header[name]
+    if info["dtype"] not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}")
+    dtype = DTYPES[info["dtype"]]
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+        raise CheckpointError(
+            f"{path}: tensor {name!r} byte range {begin}..{end} does not fit "
+            f"shape {shape} {info['dtype']}"
+        )
+    return dtype, shape, begin, end
+
+
+def _read_range(path: Any, offset: int, size: int, name: str) -> bytes:
+    with path.open("rb") as f:
+        f.seek(offset)
+        buf = f.read(size)
+    if len(buf) != size:
+        raise CheckpointError(f"{path}: tensor {name!r} is truncated")
+    return buf
+
+
 def read_tensors(path: PathLike, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Read ``names`` (default: all) from one safetensors file, in their stored dtype."""
     path = as_path(path)
     header, start = read_header(path)
     wanted = list(header) if names is None else list(names)
-    for name in wanted:
-        if name not in header:
-            raise MissingTensorError(f"{path}: missing tensor {name!r}")
+    layouts = {name: _layout(path, header, name) for name in wanted}
     out: dict[str, np.ndarray] = {}
-    with path.open("rb") as f:
-        for name in sorted(wanted, key=lambda k: header[k]["data_offsets"][0]):
-            info = header[name]
-            if info["dtype"] not in DTYPES:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}"
-                )
-            dtype = DTYPES[info["dtype"]]
-            begin, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-                raise CheckpointError(
-                    f"{path}: tensor {name!r} byte range {begin}..{end} does not fit "
-                    f"shape {shape} {info['dtype']}"
-                )
-            f.seek(start + begin)
-            buf = f.read(end - begin)
-            if len(buf) != end - begin:
-                raise CheckpointError(f"{path}: tensor {name!r} is truncated")
-            out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    for name in sorted(wanted, key=lambda k: layouts[k][2]):  # in file order
+        dtype, shape, begin, end = layouts[name]
+        buf = _read_range(path, start + begin, end - begin, name)
+        out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
     return out
+
+
+def lazy_tensors(path: PathLike, names: Iterable[str] | None = None) -> dict[str, LazyTensor]:
+    """``names`` (default: all) as ``LazyTensor``s in their stored dtype.
+
+    Local files are memory-mapped, so a slice reads only the pages it covers; other
+    paths (``gs://``) read a tensor's whole byte range when any slice of it is asked for.
+    """
+    path = as_path(path)
+    header, start = read_header(path)
+    wanted = list(header) if names is None else list(names)
+    file_size = path.stat().length
+    out: dict[str, LazyTensor] = {}
+    for name in wanted:
+        dtype, shape, begin, end = _layout(path, header, name)
+        if start + end > file_size:
+            raise CheckpointError(f"{path}: tensor {name!r} is truncated")
+        read = functools.partial(_read_slice, path, start + begin, end - begin, dtype, shape, name)
+        out[name] = LazyTensor(shape, dtype, read, str(path))
+    return out
+
+
+def _read_slice(
+    path: Any, offset: int, size: int, dtype: np.dtype, shape: tuple, name: str, index: Index
+) -> np.ndarray:
+    if size == 0:
+        return np.zeros(shape, dtype)[index]
+    if is_gcs(path):
+        return np.frombuffer(_read_range(path, offset, size, name), dtype).reshape(shape)[index]
+    mapped = np.memmap(os.fspath(path), dtype=dtype, mode="r", offset=offset, shape=shape)
+    return np.array(mapped[index])
 
 
 def write_tensors(

@@ -16,11 +16,11 @@ the string ``"PLACEHOLDER://<name>"`` there instead, the array being ``<ckpt dir
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
@@ -34,7 +34,8 @@ from hir_jax.checkpoints.errors import (
     ShapeMismatchError,
     UnknownFormatError,
 )
-from hir_jax.checkpoints.tree import Params, check_params, flatten, unflatten
+from hir_jax.checkpoints.lazy import Index, LazyTensor
+from hir_jax.checkpoints.tree import Params, check_params, flatten, to_float32, unflatten
 from hir_jax.model.configs import T5Config
 from hir_jax.paths import PathLike, as_path, is_gcs, kvstore_spec
 
@@ -144,12 +145,12 @@ def _join_kvstore(kvstore: dict[str, Any], rel: str) -> dict[str, Any]:
     return {**kvstore, "path": f"{base}/{rel.strip('/')}/" if base else f"{rel.strip('/')}/"}
 
 
-def read_t5x(path: PathLike, read_arrays: bool = True) -> tuple[Params, dict[str, Any]]:
+def read_t5x(path: PathLike, lazy: bool = False) -> tuple[Params, dict[str, Any]]:
     """``(params, info)`` from a T5X checkpoint; params keep their stored dtype.
 
     ``info`` has "file" (the msgpack file), "version" and "step" (or None). With
-    ``read_arrays=False`` the tensors stored out of line come back as
-    ``jax.ShapeDtypeStruct`` (only their metadata is read: enough to infer the config).
+    ``lazy=True`` the tensors stored out of line come back as ``LazyTensor``s: only
+    their metadata is read (enough to infer the config), and slices are read on demand.
     """
     ckpt_file = find_checkpoint(path)
     raw = ckpt_file.read_bytes()
@@ -198,21 +199,31 @@ def read_t5x(path: PathLike, read_arrays: bool = True) -> tuple[Params, dict[str
                 f"{ckpt_file}: tensor {name!r} is recorded with shape {tuple(meta_shape)} "
                 f"but its TensorStore array has shape {tuple(store.shape)}"
             )
-        if read_arrays:
-            reads[name] = store.read()
+        if lazy:
+            dtype = _stored_dtype(store.dtype.numpy_dtype, version)
+            read = functools.partial(_read_slice, store, version)
+            flat[name] = LazyTensor(tuple(store.shape), dtype, read, f"{ckpt_file}:{name}")
         else:
-            flat[name] = jax.ShapeDtypeStruct(tuple(store.shape), store.dtype.numpy_dtype)
+            reads[name] = store.read()
     for name, future in reads.items():
         arr = np.asarray(future.result())
-        if version <= 2 and arr.dtype == np.uint16:  # version 2 wrote bfloat16 as uint16
-            arr = arr.view(ml_dtypes.bfloat16)
-        flat[name] = arr
-    flat = {k: v if isinstance(v, jax.ShapeDtypeStruct) else np.asarray(v) for k, v in flat.items()}
+        flat[name] = arr.view(_stored_dtype(arr.dtype, version))
+    flat = {k: v if isinstance(v, LazyTensor) else np.asarray(v) for k, v in flat.items()}
     step = state.get("state", {}).get("step") if isinstance(state.get("state"), dict) else None
     if not isinstance(step, int | np.integer | np.ndarray) or np.size(step) != 1:
         step = None  # absent, or itself stored out of line
     info = {"file": ckpt_file, "version": version, "step": None if step is None else int(step)}
     return unflatten(flat), info
+
+
+def _stored_dtype(dtype: np.dtype, version: int) -> np.dtype:
+    """Version 2 wrote bfloat16 as uint16."""
+    return np.dtype(ml_dtypes.bfloat16) if version <= 2 and dtype == np.uint16 else dtype
+
+
+def _read_slice(store: ts.TensorStore, version: int, index: Index) -> np.ndarray:
+    arr = np.asarray(store[index].read().result())
+    return arr.view(_stored_dtype(arr.dtype, version))
 
 
 def load_t5x(path: PathLike, config: T5Config | None = None) -> Params:
@@ -221,7 +232,7 @@ def load_t5x(path: PathLike, config: T5Config | None = None) -> Params:
     With ``config``, the tensors and shapes are checked against it.
     """
     params, info = read_t5x(path)
-    params = unflatten({k: v.astype(np.float32) for k, v in flatten(params).items()})
+    params = to_float32(params)
     if config is not None:
         check_params(params, config, str(info["file"]))
     return params

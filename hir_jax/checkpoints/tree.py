@@ -18,6 +18,7 @@ from hir_jax.checkpoints.errors import (
     ShapeMismatchError,
     UnexpectedTensorError,
 )
+from hir_jax.checkpoints.lazy import LazyTensor
 from hir_jax.model.configs import T5Config
 
 Params = dict[str, Any]
@@ -197,5 +198,10 @@ def config_from_params(
 
 
 def to_float32(params: Mapping[str, Any]) -> Params:
-    """Every leaf as a float32 numpy array (bf16/fp16/fp64 converted)."""
-    return unflatten({k: np.asarray(v).astype(np.float32) for k, v in flatten(params).items()})
+    """Every leaf as float32 (bf16/fp16/fp64 converted); ``LazyTensor``s stay lazy."""
+    return unflatten(
+        {
+            k: (v if isinstance(v, LazyTensor) else np.asarray(v)).astype(np.float32)
+            for k, v in flatten(params).items()
+        }
+    )
