@@ -112,3 +112,25 @@ def test_truncated_safetensors_is_named_before_anything_is_read(tmp_path, params
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor .* is truncated"):
         load_checkpoint(directory, lazy=lazy)
+
+
+def test_remote_files_read_only_the_rows_a_slice_covers(tmp_path, params, monkeypatch):
+    directory = _write("hf", tmp_path / "hf", params)
+    monkeypatch.setattr(safetensors_io, "is_gcs", lambda path: True)  # read as gs:// is
+    sizes = []
+    original = safetensors_io._read_range
+
+    def recording(path, offset, size, name):
+        sizes.append((name, size))
+        return original(path, offset, size, name)
+
+    monkeypatch.setattr(safetensors_io, "_read_range", recording)
+    _, eager = load_checkpoint(directory)
+    _, lazy = load_checkpoint(directory, lazy=True)
+    jax.tree.map(np.testing.assert_array_equal, materialize(lazy), eager)
+    sizes.clear()
+    embedding = lazy["token_embedder"]["embedding"]  # HF "shared.weight", not transposed
+    np.testing.assert_array_equal(
+        embedding[8:24:3, 5:9], eager["token_embedder"]["embedding"][8:24:3, 5:9]
+    )
+    assert sizes == [("shared.weight", 16 * CONFIG.d_model * 4)]  # rows 8..23 only

@@ -108,8 +108,8 @@ def read_tensors(path: PathLike, names: Iterable[str] | None = None) -> dict[str
 def lazy_tensors(path: PathLike, names: Iterable[str] | None = None) -> dict[str, LazyTensor]:
     """``names`` (default: all) as ``LazyTensor``s in their stored dtype.
 
-    Local files are memory-mapped, so a slice reads only the pages it covers; other
-    paths (``gs://``) read a tensor's whole byte range when any slice of it is asked for.
+    Local files are memory-mapped, so a slice reads only the pages it covers; ``gs://``
+    files are read by byte range: the rows (first dimension) a slice covers.
     """
     path = as_path(path)
     header, start = read_header(path)
@@ -130,6 +130,13 @@ def _read_slice(
 ) -> np.ndarray:
     if size == 0:
         return np.zeros(shape, dtype)[index]
+    if is_gcs(path) and shape:  # no memory map: read the rows the slice covers
+        first, stop, step = index[0].indices(shape[0])
+        row_bytes = size // shape[0]
+        count = max(stop - first, 0)
+        buf = _read_range(path, offset + first * row_bytes, count * row_bytes, name)
+        rows = np.frombuffer(buf, dtype).reshape((count, *shape[1:]))
+        return rows[(slice(None, None, step), *index[1:])]
     if is_gcs(path):
         return np.frombuffer(_read_range(path, offset, size, name), dtype).reshape(shape)[index]
     mapped = np.memmap(os.fspath(path), dtype=dtype, mode="r", offset=offset, shape=shape)
