@@ -54,7 +54,7 @@ def convert(src: str, dst: str, to: str, dtype: str = "float32", vocab: str | No
     if is_model_dir(src):
         config, params, train_step = load_model_dir(src)
     else:
-        config, params = load_checkpoint(src)
+        config, params = load_checkpoint(src, lazy=True)  # read a tensor at a time
         train_step = 0
     if to == "hf":
         vocab_path = vocab

@@ -134,3 +134,28 @@ def test_remote_files_read_only_the_rows_a_slice_covers(tmp_path, params, monkey
         embedding[8:24:3, 5:9], eager["token_embedder"]["embedding"][8:24:3, 5:9]
     )
     assert sizes == [("shared.weight", 16 * CONFIG.d_model * 4)]  # rows 8..23 only
+
+
+def test_save_hf_reads_lazy_params_one_shard_at_a_time(tmp_path, params, monkeypatch):
+    read: list[str] = []
+
+    def lazy_leaf(path, array):
+        name = jax.tree_util.keystr(path)
+        return LazyTensor(array.shape, array.dtype, lambda i: read.append(name) or array[i], name)
+
+    lazy = jax.tree_util.tree_map_with_path(lazy_leaf, params)
+    read_at_write = []
+    original = safetensors_io.write_tensors
+
+    def recording(path, tensors, metadata=None):
+        read_at_write.append((len(tensors), len(read)))
+        return original(path, tensors, metadata)
+
+    monkeypatch.setattr(safetensors_io, "write_tensors", recording)
+    save_hf(tmp_path / "hf", CONFIG, lazy, max_shard_size="100KB")
+    sizes = [n for n, _ in read_at_write]
+    assert len(sizes) > 2 and len(read) == len(flatten(params))  # each tensor read once
+    # When shard i is written, only the tensors of shards 0..i have been read.
+    assert [r for _, r in read_at_write] == list(np.cumsum(sizes))
+    _, loaded = load_checkpoint(tmp_path / "hf")
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)

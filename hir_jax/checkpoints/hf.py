@@ -433,7 +433,7 @@ def save_hf(
     ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json`` when the
     tensors exceed ``max_shard_size``), replacing weight files of those names already
     there. ``dtype`` is "float32", "bfloat16" or "float16". ``vocabulary``, if given,
-    is copied to ``spiece.model``.
+    is copied to ``spiece.model``. ``LazyTensor`` leaves are read one shard at a time.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
@@ -441,31 +441,40 @@ def save_hf(
     directory = as_path(path)
     directory.mkdir(parents=True, exist_ok=True)
     flat = flatten(params)
-    tensors: dict[str, np.ndarray] = {}
-    for ours, (theirs, transpose) in hf_name_map(config).items():
-        arr = np.asarray(flat[ours], dtype=np.float32)
-        tensors[theirs] = np.ascontiguousarray((arr.T if transpose else arr).astype(_DTYPES[dtype]))
+    out_dtype = np.dtype(_DTYPES[dtype])
+    by_hf_name = {theirs: (ours, tr) for ours, (theirs, tr) in hf_name_map(config).items()}
+
+    def tensor(theirs: str) -> np.ndarray:
+        ours, transpose = by_hf_name[theirs]
+        value = flat[ours].T if transpose else flat[ours]  # a LazyTensor stays lazy
+        return np.ascontiguousarray(np.asarray(value, dtype=np.float32).astype(out_dtype))
+
+    # Shards are planned from shapes, then read and written one at a time: with lazy
+    # params, host memory holds at most one shard.
+    limit = parse_size(max_shard_size)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for theirs in by_hf_name:
+        nbytes = int(np.prod(np.shape(flat[by_hf_name[theirs][0]]))) * out_dtype.itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(theirs)
+        size += nbytes
 
     for old in directory.iterdir():
         if old.name in (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME) or _SHARD_RE.match(old.name):
             old.unlink()
-    limit = parse_size(max_shard_size)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for name, arr in tensors.items():
-        if shards[-1] and size + arr.nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = arr
-        size += arr.nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        safetensors_io.write_tensors(directory / SAFETENSORS_NAME, shards[0], metadata)
+        tensors = {theirs: tensor(theirs) for theirs in shards[0]}
+        safetensors_io.write_tensors(directory / SAFETENSORS_NAME, tensors, metadata)
     else:
         weight_map, total = {}, 0
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            total += safetensors_io.write_tensors(directory / name, shard, metadata)
+            tensors = {theirs: tensor(theirs) for theirs in shard}
+            total += safetensors_io.write_tensors(directory / name, tensors, metadata)
             weight_map.update(dict.fromkeys(shard, name))
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         write_json(directory / SAFETENSORS_INDEX_NAME, index)

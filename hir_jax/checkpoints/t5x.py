@@ -253,6 +253,9 @@ def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> list[int]:
     return chunks
 
 
+_WRITES_IN_FLIGHT = 4
+
+
 def save_t5x(
     path: PathLike,
     params: Mapping[str, Any],
@@ -302,6 +305,8 @@ def save_t5x(
             delete_existing=True,
         ).result()
         writes.append(store.write(arr))
+        while len(writes) > _WRITES_IN_FLIGHT:  # bounded host memory for lazy params
+            writes.pop(0).result()
     for write in writes:
         write.result()
     contents = {
