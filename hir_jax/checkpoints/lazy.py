@@ -20,7 +20,11 @@ Reader = Callable[[Index], np.ndarray]
 
 
 class LazyTensor:
-    """A tensor not yet read: ``t[index]`` reads that slice (a fresh array of ``dtype``)."""
+    """A tensor not yet read: ``t[index]`` reads that slice (a fresh array of ``dtype``).
+
+    ``read`` may return a view (of a memory map, of an in-memory array); ``t[index]``
+    always copies it into memory of its own, so placed arrays never alias the source.
+    """
 
     def __init__(self, shape: tuple[int, ...], dtype: Any, read: Reader, source: str) -> None:
         self.shape = tuple(int(d) for d in shape)
@@ -31,10 +35,6 @@ class LazyTensor:
     @property
     def ndim(self) -> int:
         return len(self.shape)
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
 
     def __repr__(self) -> str:
         return f"LazyTensor(shape={self.shape}, dtype={self.dtype}, source={self.source!r})"

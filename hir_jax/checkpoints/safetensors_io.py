@@ -93,16 +93,7 @@ def _read_range(path: Any, offset: int, size: int, name: str) -> bytes:
 
 def read_tensors(path: PathLike, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """Read ``names`` (default: all) from one safetensors file, in their stored dtype."""
-    path = as_path(path)
-    header, start = read_header(path)
-    wanted = list(header) if names is None else list(names)
-    layouts = {name: _layout(path, header, name) for name in wanted}
-    out: dict[str, np.ndarray] = {}
-    for name in sorted(wanted, key=lambda k: layouts[k][2]):  # in file order
-        dtype, shape, begin, end = layouts[name]
-        buf = _read_range(path, start + begin, end - begin, name)
-        out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape)
-    return out
+    return {name: tensor[()] for name, tensor in lazy_tensors(path, names).items()}
 
 
 def lazy_tensors(path: PathLike, names: Iterable[str] | None = None) -> dict[str, LazyTensor]:
@@ -140,7 +131,7 @@ def _read_slice(
     if is_gcs(path):
         return np.frombuffer(_read_range(path, offset, size, name), dtype).reshape(shape)[index]
     mapped = np.memmap(os.fspath(path), dtype=dtype, mode="r", offset=offset, shape=shape)
-    return np.array(mapped[index])
+    return mapped[index]  # LazyTensor copies it out of the mapping
 
 
 def write_tensors(
