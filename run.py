@@ -28,7 +28,7 @@ from hir_jax.gin_cli import add_gin_flags, one_line, parse_gin, parse_with_bindi
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         description="HIR / baseline runs configured by gin",
-        epilog="Bindings: --gin.MODEL_DIR=\"'/tmp/run'\" --gin.hir_jax.hir.LoopConfig.epochs=2",
+        epilog="Bindings: --gin.MODEL_DIR=\"'/tmp/run'\" --gin.hir_jax.loop.LoopConfig.epochs=2",
     )
     add_gin_flags(ap)
     ap.add_argument("--dry_run", action="store_true", help="parse the config, print it, exit")
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import gin
 
-    from hir_jax.hir import Preempted, run
+    from hir_jax.preemption import Preempted
+    from hir_jax.runner import run
 
     if args.multihost and not args.dry_run:
         from hir_jax.partitioning import initialize_distributed

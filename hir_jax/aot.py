@@ -14,13 +14,14 @@ compiled executables, with a verdict against the memory of one chip::
         --target_length 64 --per_chip_memory 16GiB
 
 Model: ``--size`` (tiny, small, ..., xxl), or the gin files of ``run.py`` (same search
-path, ``gin_configs/``; the bound ``hir_jax.hir.run.model_config``, or the ``config.json``
-of an HF ``INITIAL_CHECKPOINT``). Everything else defaults from the same gin config:
-the mesh from ``hir_jax.partitioning.make_partitioner``, the optimizer (AdamW keeps two
-fp32 moments per parameter, Adafactor factored ones), the loss, and the batch, number of
-microbatches, samples per query and ``max_new_tokens`` from ``hir_jax.hir.LoopConfig``;
-flags override them. Shapes: the train batch is ``[batch, input_length]`` (encoder, under
-both instructions) and ``[batch, target_length]`` (decoder; default: the length bucket
+path, ``gin_configs/``), resolved by the run's own set-up (``runner.setup``: a model file,
+or the config of an HF or T5X ``INITIAL_CHECKPOINT``, read without its weights). The
+method, its loss, the optimizer (AdamW keeps two fp32 moments per parameter, Adafactor
+factored ones), the mesh and the batch, number of microbatches, samples per query and
+``max_new_tokens`` (``hir_jax.loop.LoopConfig``) come from the same set-up, and the train
+step compiled is the one the run trains (``Setup.train_step``); flags override them.
+Shapes: the train batch is ``[batch, input_length]`` (encoder, under both instructions,
+when the loss needs both) and ``[batch, target_length]`` (decoder; default: the length bucket
 of ``max_new_tokens + 1``, the longest the loop builds); the sampler draws
 ``num_samples`` outputs of ``max_new_tokens`` tokens for ``sample_batch`` prompts of
 ``sample_input_length`` tokens (default ``input_length``).
@@ -56,6 +57,7 @@ from typing import TYPE_CHECKING, Any
 from hir_jax.gin_cli import add_gin_flags, one_line, parse_gin, parse_with_bindings
 
 if TYPE_CHECKING:  # keep JAX unimported until --devices has set XLA_FLAGS
+    from hir_jax.methods import Method
     from hir_jax.model.configs import T5Config
     from hir_jax.partitioning import Partitioner
     from hir_jax.train import LossConfig, Optimizer
@@ -167,41 +169,12 @@ def _check_rows(what: str, rows: int, multiple: int, mesh: dict[str, int]) -> No
         )
 
 
-def train_batch_shapes(
-    partitioner: Partitioner,
-    loss: LossConfig,
-    batch: int,
-    input_length: int,
-    target_length: int,
-) -> dict[str, Any]:
-    """``ShapeDtypeStruct``s (batch-sharded) of one train batch for ``loss``."""
-    import jax
-    import numpy as np
-
-    from hir_jax import train
-
-    enc = (batch, input_length)
-    dec = (batch, target_length)
-    shapes: dict[str, tuple[tuple[int, ...], Any]] = {
-        train.POS: (enc, np.int32),
-        train.DEC_IN: (dec, np.int32),
-        train.TARGETS: (dec, np.int32),
-        train.WEIGHTS: (dec, np.float32),
-    }
-    if loss.needs_negative:
-        shapes[train.NEG] = (enc, np.int32)
-    if loss.kind == "hir" and loss.contrastive == "in_batch" and loss.needs_negative:
-        shapes[train.POS_IS_CORRECT] = ((batch,), np.int32)
-    sh = partitioner.batch_sharding
-    return {k: jax.ShapeDtypeStruct(s, d, sharding=sh) for k, (s, d) in shapes.items()}
-
-
 def analyze(
     config: T5Config,
     *,
-    data: int = -1,
-    model: int = 1,
-    fsdp: bool = False,
+    data: int | None = None,
+    model: int | None = None,
+    fsdp: bool | None = None,
     batch: int = 64,
     input_length: int = 512,
     target_length: int = 64,
@@ -214,13 +187,17 @@ def analyze(
     per_chip_memory: int | str | None = None,
     optimizer: Optimizer | None = None,
     loss: LossConfig | None = None,
+    method: Method | None = None,
     devices: Sequence[Any] | None = None,
 ) -> dict[str, Any]:
     """Compiles the train step (and the sampler) for abstract shapes; per-device bytes.
 
     ``data``/``model``/``fsdp``/``devices`` build the mesh as ``make_partitioner`` does
-    (-1: the remaining devices). ``optimizer``/``loss`` default to ``make_optimizer()``
-    and ``LossConfig()`` (gin-configured when a config is parsed). Returns a dict:
+    (-1: the remaining devices; None: as gin binds it, else all devices on ``data``).
+    ``method`` (default HIR), ``optimizer`` and ``loss`` (the bound ``LossConfig``, which
+    the method turns into its own) default to their gin configuration; the train step is
+    the one ``runner.Setup.train_step`` builds for a run, so the figure is that of the
+    step the run trains. Returns a dict:
     ``mesh``, ``num_devices``, ``platform``, ``num_params``, ``train`` and (with
     ``sampler``) ``sampler`` (each: ``argument_bytes``, ``output_bytes``, ``alias_bytes``,
     ``temp_bytes``, ``code_bytes``, ``peak_bytes``, ``compile_seconds``; ``train`` adds
@@ -231,22 +208,34 @@ def analyze(
     """
     import jax
 
-    from hir_jax import decoding
+    from hir_jax import decoding, features, runner
+    from hir_jax.loop import LoopConfig
     from hir_jax.model.t5 import T5, count_params, param_shapes
     from hir_jax.partitioning import make_partitioner
-    from hir_jax.train import LossConfig, abstract_train_state, make_optimizer, make_train_step
 
-    partitioner = make_partitioner(data=data, model=model, fsdp=fsdp, devices=devices)
+    mesh_args = dict(data=data, model=model, fsdp=fsdp, devices=devices)
+    partitioner = make_partitioner(**{k: v for k, v in mesh_args.items() if v is not None})
     mesh = {k: int(v) for k, v in partitioner.mesh.shape.items()}
-    optimizer_name = "given" if optimizer is not None else _gin_value(_OPT_NAME, "adamw")
-    optimizer = optimizer if optimizer is not None else make_optimizer()
-    loss = loss if loss is not None else LossConfig()
+    optimizer_name = _gin_value(_OPT_NAME, "adamw")
+    given = dict(method=method, optimizer=optimizer, loss=loss)  # None: as gin binds it
+    spec = runner.setup(
+        model_config=config, initial_checkpoint=None, partitioner=partitioner,
+        loop=LoopConfig(num_microbatches=num_microbatches, warmup_task=None),
+        **{k: v for k, v in given.items() if v is not None},
+    )  # fmt: skip
+    if spec.optimizer is None:
+        raise ValueError(
+            f"method {spec.method.name!r} trains nothing, so there is no train step to check"
+        )
+    loss = spec.loss
     t5 = T5(config)
 
-    state = abstract_train_state(config, optimizer, partitioner)
+    state = spec.abstract_state()
     _check_rows("batch", batch, mesh["data"] * num_microbatches, mesh)
-    train_batch = train_batch_shapes(partitioner, loss, batch, input_length, target_length)
-    step = make_train_step(t5, optimizer, partitioner, loss=loss, num_microbatches=num_microbatches)
+    train_batch = features.abstract_batch(
+        loss, batch, input_length, target_length, partitioner.batch_sharding
+    )
+    step = spec.train_step(t5)
     start = time.perf_counter()
     compiled = step.lower(state, train_batch).compile()
     train_stats = _memory(compiled)
@@ -262,6 +251,7 @@ def analyze(
         "platform": partitioner.mesh.devices.flat[0].platform,
         "num_params": count_params(param_shapes(config)),
         "optimizer": optimizer_name,
+        "method": spec.method.name,
         "loss": f"{loss.kind}" + (f"/{loss.contrastive}" if loss.kind == "hir" else ""),
         "shapes": {
             "batch": batch,
@@ -275,7 +265,7 @@ def analyze(
 
     if sampler:
         rows_wanted = sample_batch or batch
-        rows = -(-rows_wanted // mesh["data"]) * mesh["data"]  # the loop pads rows like this
+        rows = features.padded_rows(rows_wanted, mesh["data"])  # as the loop pads them
         prompt_len = sample_input_length or input_length
         cfg = decoding.SamplingConfig(num_samples=num_samples, max_new_tokens=max_new_tokens)
         enc = jax.ShapeDtypeStruct((rows, prompt_len), "int32", sharding=partitioner.batch_sharding)
@@ -442,26 +432,27 @@ def _gin_value(name: str, default: Any = None) -> Any:
     return value
 
 
-def _model_from_gin(args: argparse.Namespace) -> tuple[Any, str]:
+def _setup_from_gin(args: argparse.Namespace) -> tuple[Any, str]:
+    """The run's set-up as ``run.py`` resolves it (``runner.setup``; the model from a
+    model file or the config of an HF or T5X ``INITIAL_CHECKPOINT``), or ``--size``."""
+    from hir_jax import runner
     from hir_jax.model.configs import get_config
 
     if args.size:
-        return get_config(args.size), f"flan_t5_{args.size}"
-    config = _gin_value("hir_jax.hir.run.model_config")
-    name = _gin_value("hir_jax.hir.run.model_name", "model")
-    if config is None:
-        ckpt = _gin_value("hir_jax.hir.run.initial_checkpoint")
-        if not ckpt:
-            raise ValueError(
-                "no model: bind hir_jax.hir.run.model_config (a gin_configs/models file), "
-                "set INITIAL_CHECKPOINT to an HF directory, or pass --size"
-            )
-        from hir_jax.checkpoints.hf import CONFIG_NAME, config_from_hf
-        from hir_jax.paths import as_path, read_json
-
-        config = config_from_hf(read_json(as_path(ckpt) / CONFIG_NAME), f"{ckpt}/{CONFIG_NAME}")
-        name = os.path.basename(str(ckpt).rstrip("/")) or "model"
-    return config, str(name)
+        return runner.setup(model_config=get_config(args.size)), f"flan_t5_{args.size}"
+    try:
+        spec = runner.setup()
+    except ValueError as exc:
+        if "set a model config" not in str(exc):
+            raise
+        raise ValueError(
+            "no model: bind hir_jax.runner.setup.model_config (a gin_configs/models file), "
+            "set INITIAL_CHECKPOINT to an HF or T5X checkpoint, or pass --size"
+        ) from exc
+    name = spec.model_name
+    if spec.initial_checkpoint and name == "custom":
+        name = os.path.basename(str(spec.initial_checkpoint).rstrip("/")) or "model"
+    return spec, name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -474,30 +465,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.gin_file or args.gin_bindings:
             # Not finalized: a run file's REQUIRED macros (MODEL_DIR, TASK) may stay unset.
             parse_gin(args.gin_file, args.gin_bindings, args.gin_search_path, finalize=False)
-        from hir_jax import decoding
-        from hir_jax.hir import LoopConfig
+        from hir_jax import features
 
-        config, name = _model_from_gin(args)
-        loop = LoopConfig()
+        spec, name = _setup_from_gin(args)
+        config, loop = spec.config, spec.loop
         max_new = args.max_new_tokens or loop.max_new_tokens
-
-        def pick(flag: Any, gin_name: str, default: Any) -> Any:
-            return flag if flag is not None else _gin_value(gin_name, default)
-
         kwargs: dict[str, Any] = dict(
-            data=pick(args.data, "hir_jax.partitioning.make_partitioner.data", -1),
-            model=pick(args.model, "hir_jax.partitioning.make_partitioner.model", 1),
-            fsdp=pick(args.fsdp, "hir_jax.partitioning.make_partitioner.fsdp", False),
+            data=args.data,
+            model=args.model,
+            fsdp=args.fsdp,
             batch=args.batch or loop.batch_size,
             num_microbatches=args.num_microbatches or loop.num_microbatches,
             input_length=args.input_length,
-            target_length=args.target_length or decoding.bucket_length(max_new + 1),
+            target_length=args.target_length or features.bucket_length(max_new + 1),
             sample_batch=args.sample_batch or loop.sample_batch_size,
             sample_input_length=args.sample_input_length,
             num_samples=args.num_samples or loop.samples_per_query,
             max_new_tokens=max_new,
             sampler=not args.no_sampler,
             per_chip_memory=args.per_chip_memory,
+            method=spec.method,
+            optimizer=spec.optimizer,
+            loss=spec.base_loss,
         )
         result = analyze(config, **kwargs)
     except Exception as exc:  # bad gin, mesh or shapes: one line, status 2

@@ -8,15 +8,14 @@ sequence has produced EOS. Randomness is explicit: each output row draws from
 and nothing else: not on the other prompts of the batch, the batch size, the padding or
 the device mesh.
 
-Shapes are static: prompts are padded to length buckets (``pad_batch``) so that a new
-round of sampling reuses the compiled program.
+Shapes are static: prompts are padded to length buckets (``features.pad_sequences``) so
+that a new round of sampling reuses the compiled program.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -27,7 +26,6 @@ from hir_jax.model.configs import DECODER_START_ID, EOS_ID, PAD_ID
 from hir_jax.model.t5 import T5
 
 Array = jax.Array
-DEFAULT_BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,40 +205,6 @@ def generate(
     encoder_tokens = jnp.asarray(encoder_tokens, jnp.int32)
     row_ids = jnp.asarray(row_ids, jnp.int32)
     return generate_fn(model, cfg, partitioner)(params, encoder_tokens, rng, row_ids)
-
-
-# --------------------------------------------------------------------------- host-side helpers
-
-
-def bucket_length(length: int, buckets: Sequence[int] = DEFAULT_BUCKETS) -> int:
-    """The smallest bucket that holds ``length`` tokens."""
-    for b in sorted(buckets):
-        if length <= b:
-            return b
-    raise ValueError(
-        f"sequence of {length} tokens is longer than the largest bucket {max(buckets)}; "
-        "raise the buckets or truncate the inputs"
-    )
-
-
-def pad_batch(
-    sequences: Sequence[Sequence[int]],
-    buckets: Sequence[int] = DEFAULT_BUCKETS,
-    batch_multiple: int = 1,
-) -> tuple[np.ndarray, int]:
-    """Right-pads token lists to a bucketed length and the rows to a multiple.
-
-    Returns the [rows, length] int32 array and the number of real rows; padding rows are
-    all PAD and their outputs should be dropped.
-    """
-    if not sequences:
-        raise ValueError("no sequences to pad")
-    length = bucket_length(max(len(s) for s in sequences), buckets)
-    rows = -(-len(sequences) // batch_multiple) * batch_multiple
-    out = np.full((rows, length), PAD_ID, np.int32)
-    for i, s in enumerate(sequences):
-        out[i, : len(s)] = s
-    return out, len(sequences)
 
 
 def output_ids(out: DecodeOutput, row: int, sample: int = 0, keep_eos: bool = False) -> list[int]:

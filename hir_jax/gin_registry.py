@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gin
 
-from hir_jax import hir, partitioning, train  # noqa: F401  (registers configurables)
+from hir_jax import feedback, loop, methods, partitioning, runner, train  # noqa: F401  (registers)
 from hir_jax.model.configs import T5Config, get_config
 from tasks import bigbench, registry, vocab  # noqa: F401  (registers hir_tasks.*)
 

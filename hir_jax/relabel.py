@@ -2,8 +2,8 @@
 
 From a query, one sampled output (token ids), its correctness and the gold answer,
 ``relabel`` builds one training example: the positive and negative instruction, the
-output tokens moved to the encoder (the "prefix") and the decoder target. ``make_features``
-turns examples into fixed-shape padded arrays for the train step.
+output tokens moved to the encoder (the "prefix") and the decoder target;
+``features.make_features`` turns examples into the train step's padded arrays.
 
 Rules (HIR_REFERENCE.md; released code ``offline_trainer.py``, the training loop):
 
@@ -41,12 +41,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from hir_jax.model.configs import DECODER_START_ID, EOS_ID, PAD_ID
-from tasks.instructions import CORRECT, CORRECT_RELABEL_RELEASED, WRONG, prompt
+from hir_jax.special_ids import EOS_ID, PAD_ID
+from tasks.instructions import CORRECT, CORRECT_RELABEL_RELEASED, WRONG
 from tasks.metrics import normalize
 
 RelabelInstruction = Literal["released", "paper"]
-Overflow = Literal["error", "truncate"]
 SeedLike = np.random.Generator | int | Any  # Any: a JAX PRNG key (raw uint32 or typed)
 
 
@@ -211,93 +210,3 @@ def relabel_batch(
         relabel(q, o, c, g, gen, **kwargs)
         for q, o, c, g in zip(queries, outputs, correct, golds, strict=True)
     ]
-
-
-def _pad(rows: list[np.ndarray], width: int, dtype: Any) -> np.ndarray:
-    out = np.zeros((len(rows), width), dtype=dtype)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = row
-    return out
-
-
-def make_features(
-    examples: Sequence[RelabeledExample],
-    tokenize: Callable[[str], Sequence[int]],
-    *,
-    max_encoder_len: int,
-    max_decoder_len: int,
-    on_overflow: Overflow = "error",
-) -> dict[str, np.ndarray]:
-    """Fixed-shape, zero-padded feature arrays for the train step.
-
-    ``tokenize``: text -> ids without EOS (one trailing EOS, as HF tokenizers add, is
-    removed). Keys (``B`` examples): ``encoder_pos_tokens``/``encoder_neg_tokens``
-    ``[B, max_encoder_len]`` = tokenize(prompt(instruction, query)) + prefix + [EOS];
-    ``decoder_target_tokens``, ``decoder_input_tokens`` (target shifted right, start id
-    0), ``decoder_loss_weights`` (float32, 1 on target tokens) ``[B, max_decoder_len]``;
-    ``positive_is_correct`` ``[B]`` (for the in-batch contrastive term);
-    ``encoder_truncated``/``decoder_truncated`` ``[B]`` tokens dropped per example.
-
-    Too long: ``on_overflow="error"`` (default) raises ``ValueError`` naming the example
-    and the lengths needed. ``"truncate"`` drops the oldest prefix tokens (the same
-    number under both instructions, so the two inputs differ only by instruction) and
-    the end of the target, and counts them; a prompt that does not fit even without
-    prefix still raises.
-    """
-    if on_overflow not in ("error", "truncate"):
-        raise ValueError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
-    cache: dict[str, list[int]] = {}
-
-    def encode(text: str) -> list[int]:
-        if text not in cache:
-            ids = [int(t) for t in tokenize(text)]
-            if ids and ids[-1] == EOS_ID:
-                ids = ids[:-1]
-            cache[text] = ids
-        return cache[text]
-
-    enc_pos, enc_neg, dec_tgt, enc_cut, dec_cut = [], [], [], [], []
-    for i, ex in enumerate(examples):
-        pos_ids = encode(prompt(ex.positive, ex.query))
-        neg_ids = encode(prompt(ex.negative, ex.query))
-        prefix = [int(t) for t in ex.prefix]
-        need = max(len(pos_ids), len(neg_ids)) + len(prefix) + 1
-        cut = max(0, need - max_encoder_len)
-        if cut and (on_overflow == "error" or cut > len(prefix)):
-            raise ValueError(
-                f"example {i}: encoder input needs {need} tokens (prompt "
-                f"{max(len(pos_ids), len(neg_ids))} + moved prefix {len(prefix)} + EOS) but "
-                f"max_encoder_len={max_encoder_len}; raise max_encoder_len"
-                + (" or pass on_overflow='truncate'" if on_overflow == "error" else "")
-            )
-        prefix = prefix[cut:]
-        enc_pos.append(np.asarray(pos_ids + prefix + [EOS_ID], np.int32))
-        enc_neg.append(np.asarray(neg_ids + prefix + [EOS_ID], np.int32))
-        enc_cut.append(cut)
-
-        target = np.asarray(ex.target, np.int32)
-        tcut = max(0, len(target) - max_decoder_len)
-        if tcut and on_overflow == "error":
-            raise ValueError(
-                f"example {i}: decoder target has {len(target)} tokens but "
-                f"max_decoder_len={max_decoder_len}; raise max_decoder_len or pass "
-                "on_overflow='truncate'"
-            )
-        dec_tgt.append(target[: len(target) - tcut])
-        dec_cut.append(tcut)
-
-    targets = _pad(dec_tgt, max_decoder_len, np.int32)
-    inputs = np.zeros_like(targets)
-    inputs[:, 0] = DECODER_START_ID
-    inputs[:, 1:] = targets[:, :-1]
-    weights = _pad([np.ones(len(t), np.float32) for t in dec_tgt], max_decoder_len, np.float32)
-    return {
-        "encoder_pos_tokens": _pad(enc_pos, max_encoder_len, np.int32),
-        "encoder_neg_tokens": _pad(enc_neg, max_encoder_len, np.int32),
-        "decoder_target_tokens": targets,
-        "decoder_input_tokens": inputs,
-        "decoder_loss_weights": weights,
-        "positive_is_correct": np.asarray([ex.correct for ex in examples], np.int32),
-        "encoder_truncated": np.asarray(enc_cut, np.int32),
-        "decoder_truncated": np.asarray(dec_cut, np.int32),
-    }

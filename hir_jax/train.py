@@ -1,13 +1,7 @@
 """Train state, optimizers, and the jitted, sharded HIR / NLL train step with accumulation.
 
-A batch is a dict of arrays with a leading example dimension ``B``:
-
-* ``encoder_pos_tokens`` ``[B, Le]``: query under the positive (hindsight) instruction;
-* ``encoder_neg_tokens`` ``[B, Le']``: the same query under the negative instruction
-  (HIR loss only; padded to the longer of the two lengths inside the step);
-* ``decoder_input_tokens`` ``[B, Ld]``: targets shifted right, starting with PAD (0);
-* ``decoder_target_tokens`` ``[B, Ld]`` and ``decoder_loss_weights`` ``[B, Ld]`` (0 on pads);
-* ``positive_is_correct`` ``[B]`` (only for ``contrastive="in_batch"``).
+A batch follows the contract of ``hir_jax.features`` (feature names, which ones a loss
+needs).
 
 The positive and negative encoder inputs go through the model as one batch of ``2B``
 rows (interleaved, so every device keeps its own examples), so the contrastive term needs
@@ -33,6 +27,7 @@ Typical use (the HIR loop)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -44,7 +39,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hir_jax import losses
+from hir_jax import features, losses
 from hir_jax.checkpoints import lazy
 from hir_jax.model.configs import T5Config
 from hir_jax.model.t5 import T5, lm_head, param_shapes
@@ -54,9 +49,9 @@ Array = jax.Array
 Batch = Mapping[str, Any]
 Metrics = dict[str, Array]
 
-POS, NEG = "encoder_pos_tokens", "encoder_neg_tokens"
-DEC_IN, TARGETS, WEIGHTS = "decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"
-POS_IS_CORRECT = "positive_is_correct"
+POS, NEG = features.ENCODER_POS, features.ENCODER_NEG
+DEC_IN, TARGETS, WEIGHTS = features.DECODER_INPUT, features.DECODER_TARGET, features.DECODER_WEIGHTS
+POS_IS_CORRECT = features.POS_IS_CORRECT
 
 
 # --------------------------------------------------------------------------- state
@@ -382,18 +377,6 @@ def _additive(metrics: Metrics) -> Metrics:
     return {k: v for k, v in metrics.items() if k == "loss" or k.endswith(("_sum", "_count"))}
 
 
-def _batch_keys(batch: Batch, loss: LossConfig) -> list[str]:
-    keys = [POS, DEC_IN, TARGETS, WEIGHTS]
-    if loss.needs_negative:
-        keys.append(NEG)
-    if loss.kind == "hir" and loss.contrastive == "in_batch" and loss.needs_negative:
-        keys.append(POS_IS_CORRECT)
-    missing = [k for k in keys if k not in batch]
-    if missing:
-        raise KeyError(f"batch lacks {missing} (has {sorted(batch)}) for loss {loss}")
-    return keys
-
-
 def split_microbatches(batch: Batch, num_microbatches: int) -> dict[str, Array]:
     """``[B, ...]`` -> ``[k, B/k, ...]``; microbatch j holds examples ``i*k + j``.
 
@@ -429,8 +412,7 @@ def compute_gradients(
     microbatch index. Returned metrics hold ``loss`` and ``*_sum``/``*_count`` pairs;
     ``losses.finalize_metrics`` turns them into means.
     """
-    keys = _batch_keys(batch, loss)
-    batch = {k: batch[k] for k in keys}
+    batch = features.select(batch, loss)
     norms = losses.normalisers(batch[WEIGHTS])
 
     def loss_fn(p: Any, mb: Batch, key: Array | None) -> tuple[Array, Metrics]:
@@ -487,18 +469,29 @@ def _finalize(metrics: Metrics) -> Metrics:
 # --------------------------------------------------------------------------- state creation
 
 
+def _opt_init(optimizer: Optimizer | None, params: Any) -> Any:
+    """The optimizer state of ``params``; none (an empty pytree) without an optimizer."""
+    return optax.EmptyState() if optimizer is None else optimizer.tx.init(params)
+
+
 def train_state_shardings(
-    config: T5Config, optimizer: Optimizer, partitioner: Partitioner
+    config: T5Config, optimizer: Optimizer | None, partitioner: Partitioner
 ) -> TrainState:
-    """A ``TrainState`` of ``NamedSharding``s (jit in/out shardings, orbax restore targets)."""
+    """A ``TrainState`` of ``NamedSharding``s (jit in/out shardings, orbax restore targets).
+
+    ``optimizer=None`` (a method that does not train): no optimizer state at all.
+    """
     params_sh = partitioner.param_shardings(config)
-    opt_sh = partitioner.opt_state_shardings(optimizer.tx, config)
+    if optimizer is None:
+        opt_sh: Any = optax.EmptyState()
+    else:
+        opt_sh = partitioner.opt_state_shardings(optimizer.tx, config)
     rep = partitioner.replicated
     return TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep)
 
 
 def abstract_train_state(
-    config: T5Config, optimizer: Optimizer, partitioner: Partitioner
+    config: T5Config, optimizer: Optimizer | None, partitioner: Partitioner
 ) -> TrainState:
     """``ShapeDtypeStruct``s with shardings for every state leaf (no memory allocated)."""
     shapes = param_shapes(config)
@@ -507,7 +500,7 @@ def abstract_train_state(
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            opt_state=optimizer.tx.init(params),
+            opt_state=_opt_init(optimizer, params),
             rng=jax.random.key_data(jax.random.key(0)),
         )
 
@@ -521,7 +514,7 @@ def abstract_train_state(
 def create_train_state(
     config: T5Config,
     params: Any,
-    optimizer: Optimizer,
+    optimizer: Optimizer | None,
     partitioner: Partitioner,
     rng: Array,
 ) -> TrainState:
@@ -539,7 +532,8 @@ def create_train_state(
     if on_device:
         copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings.params)
         params = copy(params)
-    opt_state = jax.jit(optimizer.tx.init, out_shardings=shardings.opt_state)(params)
+    init = functools.partial(_opt_init, optimizer)
+    opt_state = jax.jit(init, out_shardings=shardings.opt_state)(params)
     return TrainState(
         step=jax.device_put(np.zeros((), np.int32), shardings.step),
         params=params,
@@ -623,7 +617,7 @@ class ShardedStep:
         self.loss = loss
 
     def _inputs(self, batch: Batch) -> dict[str, Any]:
-        return {k: batch[k] for k in _batch_keys(batch, self.loss)}
+        return features.select(batch, self.loss)
 
     def __call__(self, first: Any, batch: Batch) -> Any:
         return self.jitted(first, self.partitioner.shard_batch(self._inputs(batch)))

@@ -5,10 +5,12 @@ Registration is explicit (importing this module registers nothing, because the
 vocabulary comes from gin and may need training): call ``register_paper_tasks()`` after
 parsing gin, or ``get_task(name)`` / ``register_bigbench_task(folder)`` for one task.
 
-Each example carries the text fields ``inputs`` (instruction + query), ``targets`` (gold
-answer), ``query``, ``answer``, ``instruction`` and the ints ``example_id`` (index in
-task.json) and ``num_options`` (0 for free-form tasks). Preprocessors tokenize
-``inputs``/``targets`` (keeping ``*_pretokenized``) and append EOS.
+Each example follows the contract of every T5X fine-tuning task, which the HIR loop reads
+(``hir_jax.data``): the text features ``inputs`` (the question, "Q: ...\nA:", without
+the instruction: the loop puts the instruction line in front, so the model sees exactly
+the released code's prompt) and ``targets`` (the gold answer), plus the ints
+``example_id`` (index in task.json) and ``num_options`` (0 for free-form tasks).
+Preprocessors tokenize ``inputs``/``targets`` (keeping ``*_pretokenized``) and append EOS.
 """
 
 from __future__ import annotations
@@ -34,19 +36,18 @@ def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
 
 
 def examples_to_dataset(examples: list[bigbench.Example]) -> tf.data.Dataset:
-    """A tf.data.Dataset of the examples' fields (strings, ``example_id`` int64,
-    ``num_options`` int32)."""
-    rows = [ex.as_dict() for ex in examples]
+    """A tf.data.Dataset of ``inputs`` (the query), ``targets`` (the gold answer),
+    ``example_id`` (int64) and ``num_options`` (int32)."""
     columns = {
-        key: tf.constant([r[key] for r in rows], dtype=tf.string)
-        for key in ("inputs", "targets", "query", "answer", "instruction")
+        "inputs": tf.constant([ex.query for ex in examples], dtype=tf.string),
+        "targets": tf.constant([ex.answer for ex in examples], dtype=tf.string),
+        "example_id": tf.constant(
+            np.array([ex.example_id for ex in examples], dtype=np.int64), dtype=tf.int64
+        ),
+        "num_options": tf.constant(
+            np.array([len(ex.options) for ex in examples], dtype=np.int32), dtype=tf.int32
+        ),
     }
-    columns["example_id"] = tf.constant(
-        np.array([r["example_id"] for r in rows], dtype=np.int64), dtype=tf.int64
-    )
-    columns["num_options"] = tf.constant(
-        np.array([r["num_options"] for r in rows], dtype=np.int32), dtype=tf.int32
-    )
     return tf.data.Dataset.from_tensor_slices(columns)
 
 

@@ -37,7 +37,7 @@ def run_py(
 
 def quick_args(model_dir: Path, task: str = "pet_rule") -> list[str]:
     """A two-round HIR run of the tiny model that checkpoints every 2 steps."""
-    loop = "--gin.hir_jax.hir.LoopConfig."
+    loop = "--gin.hir_jax.loop.LoopConfig."
     return [
         "--gin_file=runs/hir.gin",
         "--gin_file=models/flan_t5_tiny.gin",

@@ -139,7 +139,7 @@ def test_cli_devices_flag_gin_model_and_exit_status():
     out = _cli(
         "--gin_file=runs/hir.gin",
         "--gin_file=models/flan_t5_tiny.gin",
-        "--gin.hir_jax.hir.LoopConfig.batch_size=4",
+        "--gin.hir_jax.loop.LoopConfig.batch_size=4",
         "--devices=2",
         "--model=2",
         "--input_length=32",

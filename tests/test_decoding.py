@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from hir_jax import decoding
+from hir_jax import decoding, features
 from hir_jax.decoding import SamplingConfig
 from hir_jax.model import t5
 from hir_jax.model.configs import EOS_ID, PAD_ID, T5Config
@@ -140,16 +140,16 @@ def test_no_recompilation_for_new_data_in_the_same_bucket(params):
     size = fn._cache_size()
     decoding.generate(MODEL, params, _prompts(seed=2), jax.random.key(9), cfg)
     assert fn._cache_size() == size
-    padded, n = decoding.pad_batch([[5, 6, 1], [7, 1]], buckets=(12,), batch_multiple=4)
+    padded, n = features.pad_sequences([[5, 6, 1], [7, 1]], buckets=(12,), batch_multiple=4)
     assert padded.shape == (4, 12) and n == 2
     decoding.generate(MODEL, params, padded, jax.random.key(3), cfg)
     assert fn._cache_size() == size
 
 
 def test_bucketing_errors_and_config_checks():
-    assert decoding.bucket_length(33, (32, 64)) == 64
+    assert features.bucket_length(33, (32, 64)) == 64
     with pytest.raises(ValueError, match="longer than the largest bucket 64"):
-        decoding.bucket_length(65, (32, 64))
+        features.bucket_length(65, (32, 64))
     with pytest.raises(ValueError, match="temperature"):
         SamplingConfig(temperature=0.0)
     with pytest.raises(ValueError, match="top_p"):

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from hir_jax import features
 from hir_jax import relabel as rl
 from hir_jax.model.configs import EOS_ID, PAD_ID
 from tasks.instructions import CORRECT, CORRECT_RELABEL_RELEASED, WRONG, prompt
@@ -86,7 +87,7 @@ def test_prefix_moved_to_encoder_and_target():
     # Span to the end: the output's own EOS is not doubled.
     ex = relabel_with_span("xyzwvu", False, "(A)", (2, 7))
     np.testing.assert_array_equal(ex.target, tok("zwvu") + [EOS_ID])
-    feats = rl.make_features([ex], tok, max_encoder_len=64, max_decoder_len=8)
+    feats = features.make_features([ex], tok, max_encoder_len=64, max_decoder_len=8)
     for key, instr in (("encoder_pos_tokens", WRONG), ("encoder_neg_tokens", CORRECT)):
         want = tok(prompt(instr, QUERY)) + tok("xy") + [EOS_ID]
         np.testing.assert_array_equal(feats[key][0, : len(want)], want)
@@ -163,7 +164,7 @@ def test_feature_arrays():
     def tok_with_eos(text):  # HF-style tokenizer that appends EOS: handled
         return tok(text) + [EOS_ID]
 
-    f = rl.make_features(exs, tok_with_eos, max_encoder_len=64, max_decoder_len=6)
+    f = features.make_features(exs, tok_with_eos, max_encoder_len=64, max_decoder_len=6)
     assert f["encoder_pos_tokens"].shape == f["encoder_neg_tokens"].shape == (2, 64)
     for k in ("decoder_target_tokens", "decoder_input_tokens", "decoder_loss_weights"):
         assert f[k].shape == (2, 6)
@@ -188,10 +189,10 @@ def test_overflow_raises_or_truncates_with_counts():
     prompt_len = max(len(tok(prompt(WRONG, QUERY))), len(tok(prompt(CORRECT, QUERY))))
     need = prompt_len + 10 + 1
     with pytest.raises(ValueError, match=f"needs {need} tokens"):
-        rl.make_features([ex], tok, max_encoder_len=need - 1, max_decoder_len=8)
+        features.make_features([ex], tok, max_encoder_len=need - 1, max_decoder_len=8)
     with pytest.raises(ValueError, match="decoder target has 6 tokens"):
-        rl.make_features([ex], tok, max_encoder_len=need, max_decoder_len=5)
-    f = rl.make_features(
+        features.make_features([ex], tok, max_encoder_len=need, max_decoder_len=5)
+    f = features.make_features(
         [ex], tok, max_encoder_len=need - 3, max_decoder_len=4, on_overflow="truncate"
     )
     assert f["encoder_truncated"][0] == 3 and f["decoder_truncated"][0] == 2
@@ -202,4 +203,6 @@ def test_overflow_raises_or_truncates_with_counts():
     np.testing.assert_array_equal(f["decoder_target_tokens"][0], tok("klmn"))
     np.testing.assert_array_equal(f["decoder_loss_weights"][0], [1, 1, 1, 1])
     with pytest.raises(ValueError, match="raise max_encoder_len"):  # prompt alone too long
-        rl.make_features([ex], tok, max_encoder_len=10, max_decoder_len=8, on_overflow="truncate")
+        features.make_features(
+            [ex], tok, max_encoder_len=10, max_decoder_len=8, on_overflow="truncate"
+        )

@@ -371,10 +371,10 @@ def test_seqio_task_iterates_offline_and_round_trips(vocabulary, no_network):
     rows = list(ds.as_numpy_iterator())
     assert len(rows) == 60
     for row, ex in zip(rows[:5], expected[:5], strict=True):
-        assert row["inputs_pretokenized"].decode() == ex.inputs
+        assert row["inputs_pretokenized"].decode() == ex.query  # the loop adds the instruction
         assert row["targets_pretokenized"].decode() == ex.answer
         assert row["inputs"][-1] == 1 and row["targets"][-1] == 1  # EOS appended
-        assert vocabulary.decode(row["inputs"][:-1].tolist()) == ex.inputs
+        assert vocabulary.decode(row["inputs"][:-1].tolist()) == ex.query
         assert vocabulary.decode(row["targets"][:-1].tolist()) == ex.answer
         assert row["example_id"] == ex.example_id and row["num_options"] == 3
     target = task.postprocess_fn(

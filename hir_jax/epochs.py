@@ -1,0 +1,103 @@
+"""Epochs of train steps over a list of items: shuffled batches, resumable mid-way.
+
+The loop's train phase, shared by the warm-up and every round: ``epochs`` passes over
+``items`` in a fresh order each epoch (``default_rng(seed_path + [epoch])``), the steps
+done before an interruption skipped (``LoopState.step_in_round``), a checkpoint every
+``checkpoint_every`` steps and at a preemption. Each step's metrics are read one step
+late, so the host builds the next batch while the device trains.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from hir_jax import features, metrics_log
+from hir_jax.loop_state import LoopState
+from hir_jax.preemption import Preempted
+
+
+class MetricSums:
+    """Running sums of the train step's scalar metrics, read from the device one step late
+    (reading a step's metrics waits for that step; the step after it is already queued)."""
+
+    KEYS = ("loss", "nll", "contrastive", "entropy", "token_accuracy", "grad_norm")
+
+    def __init__(self, sums: dict[str, float]) -> None:
+        self._sums = dict(sums)
+        self._pending: dict[str, jax.Array] | None = None
+
+    def add(self, metrics: dict[str, jax.Array]) -> None:
+        self.read()
+        self._pending = metrics
+
+    def read(self) -> dict[str, float]:
+        """The sums over every step added so far."""
+        if self._pending is not None:
+            m, self._pending = jax.device_get(self._pending), None
+            for k in self.KEYS:
+                if k in m:
+                    self._sums[k] = self._sums.get(k, 0.0) + float(m[k])
+            self._sums["steps"] = self._sums.get("steps", 0.0) + 1
+        return dict(self._sums)
+
+
+def train_epochs(
+    state: Any,
+    step_fn: Callable[[Any, dict[str, np.ndarray]], tuple[Any, dict[str, jax.Array]]],
+    items: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed_path: Sequence[int],
+    make_batch: Callable[[np.ndarray, int], dict[str, np.ndarray]],
+    progress: LoopState,
+    checkpoint_every: int,
+    save: Callable[[Any], None],
+    should_stop: Callable[[], bool],
+    desc: str,
+) -> tuple[Any, dict[str, float]]:
+    """Runs the epochs; returns the new train state and the mean step metrics.
+
+    ``make_batch(chosen_items, epoch)`` builds one batch. ``progress`` (the loop state)
+    says how many steps are done and keeps the running sums; it is updated as steps
+    finish, so that ``save(state)`` checkpoints a consistent pair. A preemption saves and
+    raises ``Preempted``.
+    """
+    total = -(-len(items) // batch_size) * epochs
+    sums = MetricSums(progress.train_sums)
+    start, examples_done = time.perf_counter(), 0
+    bar = metrics_log.progress(total=total, desc=desc, unit="step")
+    bar.update(progress.step_in_round)
+    counter = 0
+    for epoch in range(epochs):
+        perm = np.random.default_rng([*seed_path, epoch]).permutation(items)
+        for first in range(0, len(items), batch_size):
+            counter += 1
+            if counter <= progress.step_in_round:
+                continue  # done before the interruption
+            batch = make_batch(perm[first : first + batch_size], epoch)
+            state, metrics = step_fn(state, batch)
+            sums.add(metrics)
+            examples_done += features.real_examples(batch)
+            progress.step_in_round = counter
+            bar.update(1)
+            stop = should_stop()
+            if stop or (checkpoint_every and counter % checkpoint_every == 0 and counter < total):
+                progress.train_sums = sums.read()
+                save(state)
+                if stop:
+                    bar.close()
+                    raise Preempted()
+    bar.close()
+    totals = sums.read()
+    progress.train_sums = totals
+    n = max(totals.get("steps", 0.0), 1.0)
+    out = {k: v / n for k, v in totals.items() if k != "steps"}
+    out["train_steps"] = totals.get("steps", 0.0)
+    out["examples_per_s"] = examples_done / max(time.perf_counter() - start, 1e-9)
+    return state, out

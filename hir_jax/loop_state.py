@@ -1,0 +1,91 @@
+"""The loop's state: one typed, JSON-serialisable value, checkpointed with the train state.
+
+``LoopState`` holds where the run is (``round``: the next round to finish,
+``step_in_round``: train steps already done in it), the replay buffer, this round's
+sample metrics once sampling is done, and the running sums of the train metrics. A
+checkpoint is exactly this value plus the ``TrainState``; ``identity`` (model shape,
+task, method, seed) is stored beside it so that a run never resumes another run's state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from hir_jax.methods.base import Sample
+
+
+@dataclasses.dataclass
+class ReplayBuffer:
+    """Outputs that grow across rounds; a (query, output) pair seen before is dropped."""
+
+    samples: list[Sample] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._seen = {(s.query, s.output) for s in self.samples}
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def add(self, query: int, output: Sequence[int], correct: bool) -> bool:
+        """Adds one output; False (and nothing added) when the pair is there already."""
+        key = (int(query), tuple(int(t) for t in output))
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        self.samples.append(Sample(key[0], key[1], bool(correct)))
+        return True
+
+    def extend(self, samples: Iterable[Sample]) -> int:
+        """Adds each sample; returns how many were new."""
+        return sum(self.add(s.query, s.output, s.correct) for s in samples)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "query": [s.query for s in self.samples],
+            "output": [list(s.output) for s in self.samples],
+            "correct": [s.correct for s in self.samples],
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ReplayBuffer:
+        rows = zip(d["query"], d["output"], d["correct"], strict=True)
+        return cls([Sample(int(q), tuple(int(t) for t in o), bool(c)) for q, o, c in rows])
+
+
+@dataclasses.dataclass
+class LoopState:
+    """Where the run is; see the module doc."""
+
+    round: int = 0
+    step_in_round: int = 0
+    buffer: ReplayBuffer = dataclasses.field(default_factory=ReplayBuffer)
+    sample_metrics: dict[str, float] | None = None
+    train_sums: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def next_round(self) -> None:
+        """Moves to the start of the next round (the buffer carries over)."""
+        self.round += 1
+        self.step_in_round = 0
+        self.sample_metrics = None
+        self.train_sums = {}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "step_in_round": self.step_in_round,
+            "buffer": self.buffer.to_json(),
+            "sample_metrics": self.sample_metrics,
+            "train_sums": self.train_sums,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> LoopState:
+        return cls(
+            round=int(d["round"]),
+            step_in_round=int(d["step_in_round"]),
+            buffer=ReplayBuffer.from_json(d["buffer"]),
+            sample_metrics=d.get("sample_metrics"),
+            train_sums={k: float(v) for k, v in d.get("train_sums", {}).items()},
+        )

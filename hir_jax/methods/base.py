@@ -1,0 +1,113 @@
+"""What a method is to the loop: what it collects each round, the examples it trains on,
+and its loss.
+
+The loop (``hir_jax.loop``) samples K outputs per training question when a method asks
+for samples, judges them, and gives the verdicts to ``Method.collect``; what it returns
+joins the replay buffer (``loop_state.ReplayBuffer``). Each round ``Method.training_items``
+picks what to train on (the buffer, or the gold answers), and every epoch
+``Method.example`` turns an item into a training example afresh, with a random generator
+the loop seeds from (seed, round, epoch, item). ``Method.loss`` says which loss the gin-bound
+``LossConfig`` becomes for this method, and ``Method.make_train_step`` builds its jitted
+step (a method with its own update, e.g. PPO, overrides it). All of these except the last
+are pure, so a method is tested without running the loop.
+
+A new method is one module under ``hir_jax/methods`` with a gin-configurable subclass,
+named by reference in its run file (``METHOD = @hir_jax.methods.FARL()``); the loop
+driver never names a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from hir_jax import relabel
+
+if TYPE_CHECKING:
+    from hir_jax.data import Example
+    from hir_jax.partitioning import Partitioner
+    from hir_jax.train import LossConfig, Optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class Sample:
+    """One output: ``query`` indexes the training split, ``output`` its ids (no EOS),
+    ``correct`` the judge's verdict."""
+
+    query: int
+    output: tuple[int, ...]
+    correct: bool
+
+
+class Method:
+    """Base class of the loop's methods; subclasses are frozen gin-configurable dataclasses.
+
+    Class attributes: ``name`` (run_info, checkpoints, reports), ``trains`` (False: the
+    initial model is evaluated and no optimizer state is kept), ``samples`` (the loop
+    samples from the model each round and calls ``collect``).
+    """
+
+    name: ClassVar[str]
+    trains: ClassVar[bool] = True
+    samples: ClassVar[bool] = True
+    # Fraction of the round's items held out for perplexity logging (HIR's 10%).
+    holdout_fraction: float = 0.0
+
+    def loss(self, base: LossConfig) -> LossConfig:
+        """The loss this method trains with, given the gin-bound ``LossConfig``."""
+        return base
+
+    def collect(self, samples: Sequence[Sample]) -> list[Sample]:
+        """The samples of a round that join the replay buffer."""
+        return list(samples)
+
+    def training_items(
+        self,
+        buffer: Sequence[Sample],
+        train: Sequence[Example],
+        tokenize: Callable[[str], list[int]],
+    ) -> list[Sample]:
+        """What this round trains on (held-out part included): the buffer by default."""
+        return list(buffer)
+
+    def example(
+        self,
+        item: Sample,
+        question: Example,
+        rng: np.random.Generator,
+        detokenize: Callable[[Sequence[int]], str],
+    ) -> relabel.RelabeledExample:
+        """The training example of one item for one epoch (pure; ``rng`` is its own)."""
+        raise NotImplementedError
+
+    def make_train_step(
+        self,
+        model: Any,
+        optimizer: Optimizer,
+        partitioner: Partitioner,
+        loss: LossConfig,
+        num_microbatches: int,
+    ) -> Any:
+        """The jitted train step ``(state, batch) -> (state, metrics)``."""
+        from hir_jax.train import make_train_step
+
+        return make_train_step(
+            model, optimizer, partitioner, loss=loss, num_microbatches=num_microbatches
+        )
+
+
+def gold_example(item: Sample, question: Example) -> relabel.RelabeledExample:
+    """A whole output under the sampling instruction, treated as correct (SFT, FARL and the
+    warm-up): the plain supervised example."""
+    return relabel.relabel(
+        question.query, list(item.output), True, question.answer, 0,
+        sub_output=False, relabel_instruction="paper",
+    )  # fmt: skip
+
+
+def gold_answers(train: Sequence[Example], tokenize: Callable[[str], list[int]]) -> list[Sample]:
+    """The gold answer of every training question, as items to train on."""
+    return [Sample(i, tuple(tokenize(ex.answer)), True) for i, ex in enumerate(train)]

@@ -1,0 +1,67 @@
+"""HIR: every sample is relabeled in hindsight (the paper's algorithm; defaults: the
+released code's settings)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import gin
+import numpy as np
+
+from hir_jax import relabel
+from hir_jax.methods.base import Method, Sample
+
+if TYPE_CHECKING:
+    from hir_jax.data import Example
+    from hir_jax.train import LossConfig
+
+
+@gin.configurable(module="hir_jax.methods")
+@dataclasses.dataclass(frozen=True)
+class HIR(Method):
+    """Hindsight instruction relabeling with sub-output sampling and the HIR loss.
+
+    ``hindsight=False`` relabels every output "correct" (the no-hindsight ablation);
+    ``sub_output=False`` trains on whole outputs; ``relabel_instruction`` is "released"
+    ("Solve question with correct answer." for correct outputs) or "paper";
+    ``holdout_fraction`` of each round's buffer is held out for perplexity (10%, as the
+    released trainer's ``train_test_split``).
+    """
+
+    name: ClassVar[str] = "hir"
+    hindsight: bool = True
+    sub_output: bool = True
+    relabel_instruction: relabel.RelabelInstruction = "released"
+    holdout_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.relabel_instruction not in ("released", "paper"):
+            raise ValueError(
+                "HIR.relabel_instruction must be 'released' or 'paper', "
+                f"got {self.relabel_instruction!r}"
+            )
+        if not 0.0 <= self.holdout_fraction < 1.0:
+            raise ValueError(f"HIR.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+
+    def loss(self, base: LossConfig) -> LossConfig:
+        return dataclasses.replace(base, kind="hir")
+
+    def example(
+        self,
+        item: Sample,
+        question: Example,
+        rng: np.random.Generator,
+        detokenize: Callable[[Sequence[int]], str],
+    ) -> relabel.RelabeledExample:
+        return relabel.relabel(
+            question.query,
+            list(item.output),
+            item.correct if self.hindsight else True,
+            question.answer,
+            rng,
+            detokenize=detokenize,
+            sub_output=self.sub_output,
+            relabel_instruction=self.relabel_instruction,
+        )
