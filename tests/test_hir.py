@@ -8,13 +8,16 @@ import signal
 
 import gin
 import jax
-import numpy as np
 import pytest
 from run_py_helpers import REPO, TIMING, metric_lines, quick_args, run_py, wait_for_test_line
 
-from hir_jax import hir, metrics_log
+from hir_jax import metrics_log, runner
+from hir_jax.checkpoints.state import checkpoint_id
+from hir_jax.loop import LoopConfig
+from hir_jax.methods import HIR, ZeroShot
 from hir_jax.model.configs import get_config
 from hir_jax.partitioning import make_partitioner
+from hir_jax.preemption import Preempted, Preemption
 from hir_jax.train import LossConfig, make_optimizer
 from tasks import vocab as vocab_lib
 
@@ -26,8 +29,19 @@ def vocab(bigbench_dir):
     return vocab_lib.get_vocabulary(vocab_size=1024)
 
 
-def _run(model_dir, vocab, **loop_kw):
-    loop = hir.LoopConfig(
+def _one_device():
+    return make_partitioner(data=1, devices=jax.devices()[:1])
+
+
+def _run_hir(model_dir, task="pet_rule", **setup_kw):
+    """``runner.run`` of the tiny model on one device (``setup_kw``: ``runner.setup``'s)."""
+    setup_kw.setdefault("method", HIR())
+    setup_kw.setdefault("partitioner", _one_device())
+    return runner.run(model_dir=str(model_dir), task=task, spec=runner.setup(**setup_kw))
+
+
+def _run(model_dir, vocab, method):
+    loop = LoopConfig(
         num_rounds=4,
         samples_per_query=4,
         max_new_tokens=5,
@@ -38,19 +52,16 @@ def _run(model_dir, vocab, **loop_kw):
         eval_batch_size=32,
         warmup_task="hat_guess",
         warmup_epochs=6,
-        **loop_kw,
     )
-    hir.run(
-        model_dir=str(model_dir),
-        task="pet_rule",
-        seed=0,
+    _run_hir(
+        model_dir,
+        method=method,
         model_name="flan_t5_tiny",
         model_config=get_config("tiny", vocab_size=vocab.vocab_size),
         vocabulary=lambda: vocab,
         loop=loop,
         optimizer=make_optimizer(learning_rate=1e-3),
         loss=LossConfig(),
-        partitioner=make_partitioner(data=1, devices=jax.devices()[:1]),
     )
     return [r["accuracy"] for r in metrics_log.read_metrics(model_dir) if r["split"] == "test"]
 
@@ -59,9 +70,13 @@ def test_hir_learns_a_rule_that_no_hindsight_does_not(tmp_path, vocab):
     # Warm-up on hat_guess teaches the answer format only: round 0 is about chance.
     # relabel_instruction="paper": the positive instruction of a correct output is the
     # sampling instruction itself (the released code drops "the" there; see the note).
-    with_hindsight = _run(tmp_path / "hir", vocab, relabel_instruction="paper", sub_output=False)
+    with_hindsight = _run(
+        tmp_path / "hir", vocab, HIR(relabel_instruction="paper", sub_output=False)
+    )
     without = _run(
-        tmp_path / "none", vocab, relabel_instruction="paper", sub_output=False, hindsight=False
+        tmp_path / "none",
+        vocab,
+        HIR(relabel_instruction="paper", sub_output=False, hindsight=False),
     )
     assert abs(with_hindsight[0] - CHANCE) < 0.15, with_hindsight
     assert with_hindsight[-1] >= 2 * CHANCE, with_hindsight
@@ -152,17 +167,15 @@ def test_run_py_rejects_bad_input_with_one_line(tmp_path, bigbench_dir, capsys, 
 def test_resume_refuses_another_model_shape(tmp_path, bigbench_dir, vocab):
     model_dir = tmp_path / "run"
     kw = dict(
-        model_dir=str(model_dir),
-        task="pet_rule",
+        method=ZeroShot(),
         vocabulary=lambda: vocab,
-        loop=hir.LoopConfig(method="zero_shot", max_test_examples=8, eval_max_new_tokens=3),
-        partitioner=make_partitioner(data=1, devices=jax.devices()[:1]),
+        loop=LoopConfig(max_test_examples=8, eval_max_new_tokens=3),
     )
-    hir.run(model_config=get_config("tiny", vocab_size=vocab.vocab_size), **kw)
+    _run_hir(model_dir, model_config=get_config("tiny", vocab_size=vocab.vocab_size), **kw)
     assert metrics_log.is_done(model_dir)
     bigger = get_config("tiny", vocab_size=vocab.vocab_size, d_ff=256)
     with pytest.raises(ValueError, match=r"different model shape \(d_ff: saved 128"):
-        hir.run(model_config=bigger, **kw)
+        _run_hir(model_dir, model_config=bigger, **kw)
 
 
 def test_resume_reads_only_the_config_of_the_initial_checkpoint(tmp_path, bigbench_dir, vocab):
@@ -172,27 +185,24 @@ def test_resume_reads_only_the_config_of_the_initial_checkpoint(tmp_path, bigben
     config = get_config("tiny", vocab_size=vocab.vocab_size)
     save_hf(tmp_path / "hf", config, init_params(config, jax.random.key(3)))
     kw = dict(
-        model_dir=str(tmp_path / "run"),
-        task="pet_rule",
+        method=ZeroShot(),
         initial_checkpoint=str(tmp_path / "hf"),
         vocabulary=lambda: vocab,
-        loop=hir.LoopConfig(method="zero_shot", max_test_examples=8, eval_max_new_tokens=3),
-        partitioner=make_partitioner(data=1, devices=jax.devices()[:1]),
+        loop=LoopConfig(max_test_examples=8, eval_max_new_tokens=3),
     )
-    first = hir.run(**kw)
+    first = _run_hir(tmp_path / "run", **kw)
     (tmp_path / "hf" / "model.safetensors").write_bytes(b"weights gone")
-    assert hir.run(**kw) == first  # resumed from MODEL_DIR: the weights were not read
+    assert _run_hir(tmp_path / "run", **kw) == first  # resumed: the weights were not read
     with pytest.raises(Exception, match="model.safetensors"):
-        hir.run(**{**kw, "model_dir": str(tmp_path / "fresh")})
+        _run_hir(tmp_path / "fresh", **kw)
 
 
 def test_preemption_mid_warm_up_resumes_to_the_same_run(tmp_path, bigbench_dir, vocab, monkeypatch):
     # One HIR round after a 2-epoch warm-up; SIGTERM (as the loop sees it) at warm-up step 3.
     kw = dict(
-        task="pet_rule",
         model_config=get_config("tiny", vocab_size=vocab.vocab_size),
         vocabulary=lambda: vocab,
-        loop=hir.LoopConfig(
+        loop=LoopConfig(
             num_rounds=1,
             samples_per_query=2,
             max_new_tokens=4,
@@ -205,9 +215,8 @@ def test_preemption_mid_warm_up_resumes_to_the_same_run(tmp_path, bigbench_dir, 
             warmup_epochs=2,
             checkpoint_every_steps=100,
         ),
-        partitioner=make_partitioner(data=1, devices=jax.devices()[:1]),
     )
-    full = hir.run(model_dir=str(tmp_path / "full"), **kw)
+    full = _run_hir(tmp_path / "full", **kw)
 
     calls = []
 
@@ -216,23 +225,14 @@ def test_preemption_mid_warm_up_resumes_to_the_same_run(tmp_path, bigbench_dir, 
         return len(calls) == 3
 
     with monkeypatch.context() as patch:
-        patch.setattr(hir.Preemption, "should_stop", stop_at_third)
-        with pytest.raises(hir.Preempted):
-            hir.run(model_dir=str(tmp_path / "cut"), **kw)
+        patch.setattr(Preemption, "should_stop", stop_at_third)
+        with pytest.raises(Preempted):
+            _run_hir(tmp_path / "cut", **kw)
     saved = sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir())
-    assert saved == [hir.checkpoint_id(0, 3)]  # mid-warm-up, round 0 step 3
-    resumed = hir.run(model_dir=str(tmp_path / "cut"), **kw)
+    assert saved == [checkpoint_id(0, 3)]  # mid-warm-up, round 0 step 3
+    resumed = _run_hir(tmp_path / "cut", **kw)
     assert {k: v for k, v in resumed.items() if k not in TIMING} == {
         k: v for k, v in full.items() if k not in TIMING
     }
     assert metric_lines(tmp_path / "cut") == metric_lines(tmp_path / "full")
     assert metric_lines(tmp_path / "full")[0]["warmup_steps"] > 3
-
-
-def test_replay_buffer_drops_duplicates_per_query():
-    buf = hir.ReplayBuffer()
-    assert buf.add(0, [5, 6], True) and buf.add(1, [5, 6], False)
-    assert not buf.add(0, np.array([5, 6]), True)
-    assert len(buf) == 2
-    again = hir.ReplayBuffer.from_json(json.loads(json.dumps(buf.to_json())))
-    assert not again.add(1, [5, 6], False) and again.correct == [True, False]
