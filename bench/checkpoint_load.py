@@ -1,6 +1,6 @@
 """Host memory of reading a checkpoint, eager (the whole model read into host memory
 first) vs lazy (``checkpoints.lazy``: a slice or a tensor at a time), for two uses:
-"place" puts it on a mesh (what ``hir.run`` does with INITIAL_CHECKPOINT) and "convert"
+"place" puts it on a mesh (what ``runner.run`` does with INITIAL_CHECKPOINT) and "convert"
 writes it as a bfloat16 T5X checkpoint (``python -m hir_jax.convert``). Each run is a
 fresh process; the figure is its peak resident memory above the start.
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from common import hf_model, machine, print_summary
 
-from hir_jax import partitioning, train
+from hir_jax import features, partitioning, train
 from hir_jax.model import t5
 from hir_jax.model.configs import get_config
 
@@ -68,11 +68,11 @@ def make_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0) -> dic
     pos[:, -1] = neg[:, -1] = tgt[:, -1] = 1  # EOS
     dec = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1)
     return {
-        "encoder_pos_tokens": pos,
-        "encoder_neg_tokens": neg,
-        "decoder_input_tokens": dec,
-        "decoder_target_tokens": tgt,
-        "decoder_loss_weights": np.ones((batch, targets), np.float32),
+        features.ENCODER_POS: pos,
+        features.ENCODER_NEG: neg,
+        features.DECODER_INPUT: dec,
+        features.DECODER_TARGET: tgt,
+        features.DECODER_WEIGHTS: np.ones((batch, targets), np.float32),
     }
 
 
@@ -108,9 +108,9 @@ def hf_runner(cfg, batch, hir: bool, dropout: float) -> Callable[[], None]:
             m.p = dropout
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.0)
-    pos = torch.from_numpy(batch["encoder_pos_tokens"].astype(np.int64))
-    neg = torch.from_numpy(batch["encoder_neg_tokens"].astype(np.int64))
-    labels = torch.from_numpy(batch["decoder_target_tokens"].astype(np.int64))
+    pos = torch.from_numpy(batch[features.ENCODER_POS].astype(np.int64))
+    neg = torch.from_numpy(batch[features.ENCODER_NEG].astype(np.int64))
+    labels = torch.from_numpy(batch[features.DECODER_TARGET].astype(np.int64))
     smoother, eps = LabelSmoother(epsilon=0.2), 0.2
     ce = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="none")
 

@@ -1,5 +1,6 @@
 """Ahead-of-time memory check (hir_jax.aot) on 8 simulated CPU devices."""
 
+import json
 import os
 import subprocess
 import sys
@@ -164,3 +165,59 @@ def test_cli_usage_errors():
     assert out.returncode == 2 and "--size or --gin_file" in out.stderr
     out = _cli("--size", "tiny", "--per_chip_memory", "lots")
     assert out.returncode == 2 and "cannot parse memory size" in out.stderr
+
+
+def test_aot_of_a_farl_run_from_a_t5x_checkpoint_is_the_runs_own_step(
+    tmp_path, bigbench_dir, monkeypatch, capsys
+):
+    """The AOT check resolves the run's set-up (method, loss, T5X config) and compiles the
+    very step ``runner.run`` trains: the same compiled-memory figure."""
+    import gin
+
+    from hir_jax import features, loop, runner
+    from hir_jax.checkpoints import save_t5x
+    from hir_jax.gin_cli import parse_gin
+    from hir_jax.model.t5 import init_params
+
+    config = get_config("tiny", vocab_size=1024, d_model=32, d_kv=8)
+    ckpt = save_t5x(tmp_path / "t5x", init_params(config, jax.random.key(0)), step=3)
+    bindings = [
+        f"INITIAL_CHECKPOINT = '{ckpt}'",
+        "hir_tasks.get_vocabulary.vocab_size = 1024",
+        "hir_jax.train.LossConfig.logits_chunk = 4",
+        "hir_jax.loop.LoopConfig.batch_size = 8",
+        "hir_jax.loop.LoopConfig.max_new_tokens = 4",
+    ]
+    gin.clear_config()
+    try:
+        flags = ["--input_length=64", "--target_length=16", "--no_sampler", "--json"]
+        code = aot.main(["--gin_file=runs/farl.gin", *[f"--gin.{b}" for b in bindings], *flags])
+        assert code == 0, capsys.readouterr().err
+        result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert result["method"] == "farl" and result["loss"] == "nll"
+        assert result["config"]["d_model"] == 32  # read from the T5X checkpoint
+        assert result["num_params"] == count_params(param_shapes(config))
+
+        # The step the run itself builds: stop the run just before its rounds.
+        captured = {}
+
+        def capture(self, state, progress, preemption):
+            captured["loop"] = self
+
+        monkeypatch.setattr(loop.Loop, "run", capture)
+        gin.clear_config()
+        parse_gin(
+            ["runs/farl.gin"],
+            [*bindings, f"MODEL_DIR = '{tmp_path / 'run'}'", "TASK = 'pet_rule'"],
+        )
+        spec = runner.setup()
+        runner.run()
+    finally:
+        gin.clear_config()
+    the_loop = captured["loop"]
+    assert the_loop.loss.logits_chunk == 4 and the_loop.loss.kind == "nll"
+    batch = features.abstract_batch(the_loop.loss, 8, 64, 16, spec.partitioner.batch_sharding)
+    compiled = the_loop.train_step.lower(spec.abstract_state(), batch).compile()
+    stats = compiled.memory_analysis()
+    assert stats.temp_size_in_bytes == result["train"]["temp_bytes"]
+    assert stats.argument_size_in_bytes == result["train"]["argument_bytes"]
