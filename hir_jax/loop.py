@@ -38,7 +38,7 @@ from hir_jax.data import Example, TaskData, TextCodec
 from hir_jax.epochs import train_epochs
 from hir_jax.generation import generate_split
 from hir_jax.loop_state import LoopState
-from hir_jax.methods.base import Method, Sample, gold_answers, gold_example
+from hir_jax.methods.base import ExampleContext, Method, Sample, gold_answers, gold_example
 from hir_jax.paths import as_path
 from hir_jax.preemption import Preempted, Preemption
 from hir_jax.train import LossConfig, make_eval_step, summarize_eval
@@ -188,6 +188,8 @@ class Loop:
         if state is not None:
             self.state = state
         ckpt = checkpoint_id(self.progress.round, self.progress.step_in_round)
+        if self.checkpointer.latest() == ckpt:
+            return  # e.g. preempted while sampling: the round's start is saved already
         self.checkpointer.save(ckpt, self.state, {**self.progress.to_json(), **self.identity})
 
     def _check(self, preemption: Preemption) -> None:
@@ -247,9 +249,8 @@ class Loop:
         examples = []
         for item, pos in zip(items, positions, strict=True):
             rng = np.random.default_rng([self.seed, self.progress.round, epoch, int(pos)])
-            examples.append(
-                self.method.example(item, questions[item.query], rng, self.codec.decode)
-            )
+            context = ExampleContext(questions[item.query], rng, self.codec.decode)
+            examples.append(self.method.example(item, context))
         return self._features(examples, loss)
 
     def _features(self, examples: Sequence[Any], loss: LossConfig) -> dict[str, np.ndarray]:

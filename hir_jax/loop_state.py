@@ -82,6 +82,9 @@ class LoopState:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> LoopState:
+        if "round_metrics" in d:  # written before LoopState existed
+            d = {**d, "sample_metrics": d["round_metrics"].get("sample")}
+            d["train_sums"] = d["round_metrics"].get("train_sums", {})
         return cls(
             round=int(d["round"]),
             step_in_round=int(d["step_in_round"]),

@@ -16,6 +16,7 @@ from hir_jax.checkpoints.state import StateCheckpointer
 from hir_jax.data import Example
 from hir_jax.loop_state import LoopState, ReplayBuffer
 from hir_jax.methods import FARL, HIR, SFT, Method, Sample, ZeroShot
+from hir_jax.methods.base import ExampleContext
 from hir_jax.model.configs import EOS_ID, get_config
 from hir_jax.model.t5 import init_params
 from hir_jax.partitioning import make_partitioner
@@ -37,7 +38,7 @@ def _detok(ids):
 
 def _examples(method: Method, items=SAMPLES, seed=0):
     rng = np.random.default_rng(seed)
-    return [method.example(s, QUESTIONS[s.query], rng, _detok) for s in items]
+    return [method.example(s, ExampleContext(QUESTIONS[s.query], rng, _detok)) for s in items]
 
 
 def test_hir_relabels_in_hindsight_and_keeps_the_bound_loss():

@@ -228,8 +228,8 @@ class OnlyWrong(Method):
     def collect(self, samples):
         return [s for s in samples if not s.correct]
 
-    def example(self, item: Sample, question, rng, detokenize):
-        return gold_example(item, question)
+    def example(self, item: Sample, context):
+        return gold_example(item, context.question)
 
 
 def test_a_new_method_needs_no_edit_of_the_loop(tmp_path, bigbench_dir):

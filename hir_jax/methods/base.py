@@ -6,10 +6,11 @@ for samples, judges them, and gives the verdicts to ``Method.collect``; what it 
 joins the replay buffer (``loop_state.ReplayBuffer``). Each round ``Method.training_items``
 picks what to train on (the buffer, or the gold answers), and every epoch
 ``Method.example`` turns an item into a training example afresh, with a random generator
-the loop seeds from (seed, round, epoch, item). ``Method.loss`` says which loss the gin-bound
-``LossConfig`` becomes for this method, and ``Method.make_train_step`` builds its jitted
-step (a method with its own update, e.g. PPO, overrides it). All of these except the last
-are pure, so a method is tested without running the loop.
+the loop seeds from (seed, round, epoch, item) in its ``ExampleContext``. ``Method.loss``
+says which loss the gin-bound ``LossConfig`` becomes for this method, and
+``Method.make_train_step`` builds its jitted step (a method with its own update, e.g.
+PPO, overrides it). All of these except the last are pure, so a method is tested without
+running the loop.
 
 A new method is one module under ``hir_jax/methods`` with a gin-configurable subclass,
 named by reference in its run file (``METHOD = @hir_jax.methods.FARL()``); the loop
@@ -42,6 +43,21 @@ class Sample:
     correct: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class ExampleContext:
+    """What ``Method.example`` needs besides the item: the item's question, the item's
+    own random generator for this epoch, and ids -> text (special ids skipped)."""
+
+    question: Example
+    rng: np.random.Generator
+    detokenize: Callable[[Sequence[int]], str]
+
+
+Items = Sequence[Sample]
+Questions = Sequence["Example"]
+Tokenize = Callable[[str], list[int]]
+
+
 class Method:
     """Base class of the loop's methods; subclasses are frozen gin-configurable dataclasses.
 
@@ -64,23 +80,12 @@ class Method:
         """The samples of a round that join the replay buffer."""
         return list(samples)
 
-    def training_items(
-        self,
-        buffer: Sequence[Sample],
-        train: Sequence[Example],
-        tokenize: Callable[[str], list[int]],
-    ) -> list[Sample]:
+    def training_items(self, buffer: Items, train: Questions, tokenize: Tokenize) -> list[Sample]:
         """What this round trains on (held-out part included): the buffer by default."""
         return list(buffer)
 
-    def example(
-        self,
-        item: Sample,
-        question: Example,
-        rng: np.random.Generator,
-        detokenize: Callable[[Sequence[int]], str],
-    ) -> relabel.RelabeledExample:
-        """The training example of one item for one epoch (pure; ``rng`` is its own)."""
+    def example(self, item: Sample, context: ExampleContext) -> relabel.RelabeledExample:
+        """The training example of one item for one epoch (pure)."""
         raise NotImplementedError
 
     def make_train_step(
@@ -97,6 +102,17 @@ class Method:
         return make_train_step(
             model, optimizer, partitioner, loss=loss, num_microbatches=num_microbatches
         )
+
+
+class PlainNLL(Method):
+    """A method that trains its items as whole outputs under the sampling instruction
+    with the plain (optionally smoothed) NLL: the supervised baselines (FARL, SFT)."""
+
+    def loss(self, base: LossConfig) -> LossConfig:
+        return dataclasses.replace(base, kind="nll")
+
+    def example(self, item: Sample, context: ExampleContext) -> relabel.RelabeledExample:
+        return gold_example(item, context.question)
 
 
 def gold_example(item: Sample, question: Example) -> relabel.RelabeledExample:

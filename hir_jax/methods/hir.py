@@ -4,17 +4,14 @@ released code's settings)."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import gin
-import numpy as np
 
 from hir_jax import relabel
-from hir_jax.methods.base import Method, Sample
+from hir_jax.methods.base import ExampleContext, Method, Sample
 
 if TYPE_CHECKING:
-    from hir_jax.data import Example
     from hir_jax.train import LossConfig
 
 
@@ -48,20 +45,14 @@ class HIR(Method):
     def loss(self, base: LossConfig) -> LossConfig:
         return dataclasses.replace(base, kind="hir")
 
-    def example(
-        self,
-        item: Sample,
-        question: Example,
-        rng: np.random.Generator,
-        detokenize: Callable[[Sequence[int]], str],
-    ) -> relabel.RelabeledExample:
+    def example(self, item: Sample, context: ExampleContext) -> relabel.RelabeledExample:
         return relabel.relabel(
-            question.query,
+            context.question.query,
             list(item.output),
             item.correct if self.hindsight else True,
-            question.answer,
-            rng,
-            detokenize=detokenize,
+            context.question.answer,
+            context.rng,
+            detokenize=context.detokenize,
             sub_output=self.sub_output,
             relabel_instruction=self.relabel_instruction,
         )
