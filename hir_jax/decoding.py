@@ -56,7 +56,7 @@ GREEDY = SamplingConfig(greedy=True, top_k=0)
 class DecodeOutput:
     """Generated ids [batch, num_samples, max_new_tokens] (EOS included, then PAD), the
     model's log-probability (temperature 1, unfiltered) of each generated token, and
-    lengths (EOS counted)."""
+    lengths (``lengths_to_eos``: up to the first EOS, counted)."""
 
     tokens: Array
     logprobs: Array
@@ -163,12 +163,22 @@ def _generate(
         jnp.zeros((n,), bool),
     )
     _, _, _, tokens, logprobs, _ = jax.lax.while_loop(cond, body, init)
-    lengths = jnp.sum(tokens != PAD_ID, axis=-1)
     return DecodeOutput(
         tokens=tokens.reshape(batch, k, steps),
         logprobs=logprobs.reshape(batch, k, steps),
-        lengths=lengths.reshape(batch, k),
+        lengths=lengths_to_eos(tokens).reshape(batch, k),
     )
+
+
+def lengths_to_eos(tokens: Array) -> Array:
+    """Tokens up to and including the first EOS of each row (the whole row without one).
+
+    Not the count of non-PAD tokens: a PAD id sampled before EOS is part of the output
+    (the released code drops it when it decodes the text), not its end.
+    """
+    is_eos = tokens == EOS_ID
+    first = jnp.argmax(is_eos, axis=-1)
+    return jnp.where(jnp.any(is_eos, axis=-1), first + 1, tokens.shape[-1]).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=32)

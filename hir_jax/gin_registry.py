@@ -18,9 +18,17 @@ def model_config(
     size: str = gin.REQUIRED,
     vocab_size: int | None = None,
     dtype: str | None = None,
+    param_dtype: str | None = None,
     dropout_rate: float | None = None,
     remat: bool | None = None,
 ) -> T5Config:
-    """A named size (tiny, small, base, large, xl, xxl) with optional overrides."""
-    overrides = dict(vocab_size=vocab_size, dtype=dtype, dropout_rate=dropout_rate, remat=remat)
+    """A named size (tiny, small, base, large, xl, xxl) with optional overrides: ``dtype``
+    (activations), ``param_dtype`` (weights, and so the optimizer's moments)."""
+    overrides = dict(
+        vocab_size=vocab_size,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        dropout_rate=dropout_rate,
+        remat=remat,
+    )
     return get_config(size, **{k: v for k, v in overrides.items() if v is not None})

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import gin
 import jax
@@ -56,12 +56,19 @@ class LoopConfig:
     """Every number of the reference's loop that is not a method's; defaults are the
     released code's.
 
-    ``num_rounds`` counts sampling/training rounds after round 0 (the optional warm-up
-    and the evaluation of the initial model, ``eval_initial``): the reference's "1 + 30"
-    is ``eval_initial`` plus 30 rounds.
+    ``num_rounds`` counts sample/train/evaluate rounds after round 0 (the optional
+    warm-up and the evaluation of the initial model, ``eval_initial``). The released
+    ``run.sh`` evaluates the original model, samples and trains once, then repeats
+    sample -> train -> evaluate 30 more times: 31 training rounds and 32 evaluations,
+    ``num_rounds=31`` here.
+
+    ``dedup`` is the replay buffer's rule for repeated outputs: ``"call"`` (the released
+    sampler's ``list(set(outputs))``) drops repeats among one question's K samples of one
+    round and keeps everything else, so the buffer grows by every round's samples;
+    ``"run"`` drops a (question, output) pair seen in any earlier round.
     """
 
-    num_rounds: int = 30
+    num_rounds: int = 31
     eval_initial: bool = True
     # Online sampling (reference: T=1, top-k 50, top-p 1, 256 new tokens; K=1 released, 4 paper).
     samples_per_query: int = 1
@@ -75,6 +82,7 @@ class LoopConfig:
     batch_size: int = 64
     num_microbatches: int = 1
     buffer_cap_factor: float = 4.0
+    dedup: Literal["call", "run"] = "call"
     # Optional SFT warm-up before round 0 on another task's gold answers (e.g. so that a
     # random model learns the "(A)" answer format before HIR on the target task).
     warmup_task: str | None = None
@@ -94,6 +102,8 @@ class LoopConfig:
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
+        if self.dedup not in ("call", "run"):
+            raise ValueError(f"LoopConfig.dedup must be 'call' or 'run', got {self.dedup!r}")
         if self.batch_size % self.num_microbatches:
             raise ValueError(
                 f"batch_size {self.batch_size} is not a multiple of "
@@ -231,7 +241,7 @@ class Loop:
         texts = [self.codec.decode(o) for _, o in flat]
         correct, summary = self._score([self.train.examples[i] for i, _ in flat], texts)
         samples = [Sample(i, tuple(o), ok) for (i, o), ok in zip(flat, correct, strict=True)]
-        added = self.progress.buffer.extend(self.method.collect(samples))
+        added = self.progress.buffer.extend(self.method.collect(samples), self.config.dedup)
         return {
             "sampled_correct_rate": summary["accuracy"],
             "sampled_format_error_rate": summary["format_error_rate"],
@@ -249,7 +259,9 @@ class Loop:
         examples = []
         for item, pos in zip(items, positions, strict=True):
             rng = np.random.default_rng([self.seed, self.progress.round, epoch, int(pos)])
-            context = ExampleContext(questions[item.query], rng, self.codec.decode)
+            context = ExampleContext(
+                questions[item.query], rng, self.codec.decode, self.codec.encode
+            )
             examples.append(self.method.example(item, context))
         return self._features(examples, loss)
 

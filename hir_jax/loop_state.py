@@ -10,7 +10,7 @@ task, method, seed) is stored beside it so that a run never resumes another run'
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 from hir_jax.methods.base import Sample
@@ -18,28 +18,32 @@ from hir_jax.methods.base import Sample
 
 @dataclasses.dataclass
 class ReplayBuffer:
-    """Outputs that grow across rounds; a (query, output) pair seen before is dropped."""
+    """Outputs that grow across rounds, in the order they were added.
+
+    ``extend(samples, dedup)`` adds one sampling call's outputs: ``"call"`` (the
+    released sampler) drops repeats of a question's output within the call only;
+    ``"run"`` also drops a (question, output) pair added in any earlier call.
+    """
 
     samples: list[Sample] = dataclasses.field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._seen = {(s.query, s.output) for s in self.samples}
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def add(self, query: int, output: Sequence[int], correct: bool) -> bool:
-        """Adds one output; False (and nothing added) when the pair is there already."""
-        key = (int(query), tuple(int(t) for t in output))
-        if key in self._seen:
-            return False
-        self._seen.add(key)
-        self.samples.append(Sample(key[0], key[1], bool(correct)))
-        return True
-
-    def extend(self, samples: Iterable[Sample]) -> int:
-        """Adds each sample; returns how many were new."""
-        return sum(self.add(s.query, s.output, s.correct) for s in samples)
+    def extend(self, samples: Iterable[Sample], dedup: str = "call") -> int:
+        """Adds one call's samples; returns how many were added."""
+        if dedup not in ("call", "run"):
+            raise ValueError(f"dedup must be 'call' or 'run', got {dedup!r}")
+        seen = {(s.query, s.output) for s in self.samples} if dedup == "run" else set()
+        added = 0
+        for s in samples:
+            key = (int(s.query), tuple(int(t) for t in s.output))
+            if key in seen:
+                continue
+            seen.add(key)
+            self.samples.append(Sample(key[0], key[1], bool(s.correct)))
+            added += 1
+        return added
 
     def to_json(self) -> dict[str, Any]:
         return {

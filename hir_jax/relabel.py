@@ -143,6 +143,7 @@ def relabel(
     sub_output: bool = True,
     relabel_instruction: RelabelInstruction = "released",
     eos_on_partial_answer: bool = False,
+    retokenize: Callable[[str], Sequence[int]] | None = None,
 ) -> RelabeledExample:
     """Relabel one sampled output (see the module doc for every rule).
 
@@ -150,10 +151,17 @@ def relabel(
     sampled ids (EOS/PAD handled by ``clean_output``); ``correct`` its feedback; ``gold``
     the gold answer text. ``detokenize`` (ids -> text, special ids skipped) is required
     when ``sub_output`` is on, for the gold rule.
+
+    ``retokenize`` (text -> ids, no EOS) makes the released code's text round trips: the
+    output is decoded and tokenized again (the trainer reads the sampler's text), and so
+    is the cut span (a span that starts mid-word then gains a word-start piece). Without
+    it everything stays in the sampled token ids.
     """
-    if sub_output and detokenize is None:
-        raise ValueError("sub_output=True needs detokenize (ids -> text) for the gold rule")
+    if (sub_output or retokenize is not None) and detokenize is None:
+        raise ValueError("sub_output or retokenize needs detokenize (ids -> text)")
     tokens = clean_output(output)
+    if retokenize is not None:
+        tokens = clean_output(retokenize(detokenize(tokens.tolist())))
     length = len(tokens)
     start, end = sample_span(length, as_generator(rng)) if sub_output else (0, length)
 
@@ -172,6 +180,8 @@ def relabel(
 
     body = tokens[start:end]
     body = body[body != EOS_ID]
+    if retokenize is not None:
+        body = np.asarray([t for t in retokenize(detokenize(body.tolist())) if t != EOS_ID])
     if not (partial and not eos_on_partial_answer):
         body = np.concatenate([body, [EOS_ID]])
     return RelabeledExample(

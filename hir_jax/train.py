@@ -202,10 +202,17 @@ class LossConfig:
     # positions at a time, recomputed in the backward pass (None: all at once). Same
     # loss and gradients; the logits' memory shrinks from the whole length to one chunk.
     logits_chunk: int | None = None
+    # Forward passes of an HIR step with a contrastive term: 2 (one call over the
+    # positive and negative rows: NLL, entropy and p+ share the positive pass) or 3 (the
+    # released step: NLL and entropy from their own positive pass, then p+ and p-, each
+    # with its own dropout mask). Equal without dropout.
+    forward_passes: Literal[2, 3] = 2
 
     def __post_init__(self) -> None:
         if self.kind not in ("hir", "nll"):
             raise ValueError(f"LossConfig.kind must be 'hir' or 'nll', got {self.kind!r}")
+        if self.forward_passes not in (2, 3):
+            raise ValueError(f"LossConfig.forward_passes must be 2 or 3, got {self.forward_passes}")
         if self.logits_chunk is not None and self.logits_chunk < 1:
             raise ValueError(f"LossConfig.logits_chunk must be positive, got {self.logits_chunk}")
 
@@ -347,19 +354,17 @@ def _loss_from_logits(
     return _loss_from_stats(loss, stats, batch, norms)
 
 
-def _loss(
-    model: T5,
-    loss: LossConfig,
-    params: Any,
-    batch: Batch,
-    rng: Array | None,
-    norms: tuple[Array, Array],
-) -> tuple[Array, Metrics]:
+def _token_stats(
+    model: T5, loss: LossConfig, params: Any, batch: Batch, rng: Array | None, with_negative: bool
+) -> dict[str, Array]:
+    """``losses.token_stats`` of one model call (all positions at once, or in chunks)."""
     chunked = loss.logits_chunk is not None
-    pos, neg = _logits(model, params, batch, rng, loss.needs_negative, hidden=chunked)
+    pos, neg = _logits(model, params, batch, rng, with_negative, hidden=chunked)
     if not chunked:
-        return _loss_from_logits(loss, pos, neg, batch, norms)
-    stats = _chunked_token_stats(
+        return losses.token_stats(
+            pos, neg, batch[TARGETS], batch[WEIGHTS], label_smoothing=loss.label_smoothing
+        )
+    return _chunked_token_stats(
         model.config,
         params,
         pos,
@@ -369,6 +374,25 @@ def _loss(
         loss.label_smoothing,
         loss.logits_chunk,
     )
+
+
+def _loss(
+    model: T5,
+    loss: LossConfig,
+    params: Any,
+    batch: Batch,
+    rng: Array | None,
+    norms: tuple[Array, Array],
+) -> tuple[Array, Metrics]:
+    if loss.forward_passes == 2 or not loss.needs_negative:
+        stats = _token_stats(model, loss, params, batch, rng, loss.needs_negative)
+        return _loss_from_stats(loss, stats, batch, norms)
+    # The released step: NLL and entropy from a first positive pass, p+ and p- from a
+    # second positive pass and the negative pass, each with its own dropout mask.
+    first_key, second_key = (None, None) if rng is None else jax.random.split(rng)
+    first = _token_stats(model, loss, params, batch, first_key, False)
+    second = _token_stats(model, loss, params, batch, second_key, True)
+    stats = {**second, **{k: first[k] for k in ("nll", "entropy", "hits")}}
     return _loss_from_stats(loss, stats, batch, norms)
 
 
@@ -521,7 +545,9 @@ def create_train_state(
     """A sharded ``TrainState`` at step 0: ``params`` placed on the mesh, optimizer state
     initialised directly in its sharded layout.
 
-    Host (NumPy) parameters are placed without an extra device copy; ``LazyTensor``
+    Parameters are cast to ``config.param_dtype``: with bf16 parameters the AdamW
+    moments are bf16 too (no fp32 master copy, as in the released code). Host (NumPy)
+    parameters of that dtype are placed without an extra device copy; ``LazyTensor``
     leaves (``load_checkpoint(..., lazy=True)``) are read one addressable shard at a
     time. Device arrays are copied, so that the caller's stay valid: train steps donate
     the state (``device_put`` alone may alias a replicated shard to its source buffer).
@@ -529,9 +555,15 @@ def create_train_state(
     shardings = train_state_shardings(config, optimizer, partitioner)
     on_device = any(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
     params = lazy.place(params, shardings.params)
-    if on_device:
-        copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree), out_shardings=shardings.params)
-        params = copy(params)
+    dtype = jnp.dtype(config.param_dtype)
+    if on_device or any(x.dtype != dtype for x in jax.tree.leaves(params)):
+        # A copy (device arrays) and the configured parameter dtype (e.g. fp32 weights of
+        # a checkpoint trained as bf16, as the released code does).
+        convert = jax.jit(
+            lambda tree: jax.tree.map(lambda x: jnp.copy(x).astype(dtype), tree),
+            out_shardings=shardings.params,
+        )
+        params = convert(params)
     init = functools.partial(_opt_init, optimizer)
     opt_state = jax.jit(init, out_shardings=shardings.opt_state)(params)
     return TrainState(

@@ -168,3 +168,22 @@ def test_sharded_generation_equals_single_device(params):
     assert multi.tokens.sharding.spec[0] == "data"
     np.testing.assert_array_equal(single.tokens, multi.tokens)
     np.testing.assert_allclose(single.logprobs, multi.logprobs, atol=1e-5)
+
+
+def test_a_pad_sampled_before_eos_does_not_cut_the_output(params):
+    # Rows: PADs inside the output, EOS last; no EOS at all; EOS first.
+    tokens = np.array(
+        [[5, 0, 0, 6, 7, EOS_ID, 0, 0], [5, 6, 0, 7, 8, 9, 3, 0], [1, 0, 0, 0, 0, 0, 0, 0]]
+    )
+    lengths = np.asarray(decoding.lengths_to_eos(jnp.asarray(tokens)))
+    assert lengths.tolist() == [6, 8, 1]  # not the non-PAD counts 5, 6, 1
+    out = decoding.DecodeOutput(tokens[:, None], np.zeros(tokens.shape)[:, None], lengths[:, None])
+    assert decoding.output_ids(out, 0) == [5, 0, 0, 6, 7]
+    assert decoding.output_ids(out, 1) == [5, 6, 0, 7, 8, 9, 3, 0]
+    assert decoding.output_ids(out, 2) == [] and decoding.output_ids(out, 2, keep_eos=True) == [1]
+    # generate reports those lengths for what it samples.
+    res = decoding.generate(MODEL, params, _prompts(), jax.random.key(5), SamplingConfig(top_k=0))
+    flat = np.asarray(res.tokens).reshape(-1, res.tokens.shape[-1])
+    np.testing.assert_array_equal(
+        np.asarray(res.lengths).ravel(), np.asarray(decoding.lengths_to_eos(jnp.asarray(flat)))
+    )

@@ -8,6 +8,7 @@ import signal
 
 import gin
 import jax
+import numpy as np
 import pytest
 from run_py_helpers import REPO, TIMING, metric_lines, quick_args, run_py, wait_for_test_line
 
@@ -236,3 +237,48 @@ def test_preemption_mid_warm_up_resumes_to_the_same_run(tmp_path, bigbench_dir, 
     }
     assert metric_lines(tmp_path / "cut") == metric_lines(tmp_path / "full")
     assert metric_lines(tmp_path / "full")[0]["warmup_steps"] > 3
+
+
+@pytest.mark.parametrize("dedup, new_samples", [("call", [16, 16]), ("run", [16, 0])])
+def test_buffer_grows_every_round_under_the_released_rule(tmp_path, vocab, dedup, new_samples):
+    # K=1 from a model that repeats itself (top-k 1, learning rate 0: it never changes).
+    loop = LoopConfig(
+        eval_initial=False, num_rounds=2, samples_per_query=1, top_k=1, max_new_tokens=3,
+        eval_max_new_tokens=3, epochs=1, batch_size=16, max_train_examples=16,
+        max_test_examples=8, dedup=dedup,
+    )  # fmt: skip
+    _run_hir(
+        tmp_path,
+        model_config=get_config("tiny", vocab_size=vocab.vocab_size),
+        vocabulary=lambda: vocab,
+        loop=loop,
+        optimizer=make_optimizer(learning_rate=0.0),
+    )
+    train = [r for r in metrics_log.read_metrics(tmp_path) if r["split"] == "train"]
+    assert [r["new_samples"] for r in train] == new_samples
+    assert [r["buffer_size"] for r in train] == list(np.cumsum(new_samples))
+
+
+@pytest.mark.usefixtures("clean_gin")
+def test_released_experiment_file_reproduces_the_released_training(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO))
+    files = ["runs/hir.gin", "models/flan_t5_small.gin", "experiments/released_hir.gin"]
+    code, _ = _main(
+        [
+            *[f"--gin_file={f}" for f in files],
+            "--gin.MODEL_DIR='/x'",
+            "--gin.TASK='t'",
+            "--dry_run",
+        ],
+        capsys,
+    )
+    assert code == 0
+    spec = runner.setup()  # the dry run's config, resolved as a run resolves it
+    assert spec.loop.num_rounds == 31 and spec.loop.dedup == "call"  # 31 trainings
+    assert spec.config.dropout_rate == 0.1 and spec.loss.forward_passes == 3
+    assert spec.method.span_tokens == "text" and spec.method.relabel_instruction == "released"
+    state = spec.abstract_state()
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {np.dtype("bfloat16")}
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+    assert moments and {x.dtype for x in moments} == {np.dtype("bfloat16")}
+    assert spec.config.dtype == "bfloat16"

@@ -36,9 +36,13 @@ def _detok(ids):
     return " ".join(str(i) for i in ids)
 
 
+def _tok(text):
+    return [int(t) for t in text.split()]
+
+
 def _examples(method: Method, items=SAMPLES, seed=0):
     rng = np.random.default_rng(seed)
-    return [method.example(s, ExampleContext(QUESTIONS[s.query], rng, _detok)) for s in items]
+    return [method.example(s, ExampleContext(QUESTIONS[s.query], rng, _detok, _tok)) for s in items]
 
 
 def test_hir_relabels_in_hindsight_and_keeps_the_bound_loss():
@@ -131,17 +135,23 @@ def test_zero_shot_keeps_no_optimizer_state(tmp_path):
         )
 
 
-def test_replay_buffer_drops_duplicates_per_query_and_loop_state_round_trips():
-    buf = ReplayBuffer()
-    assert buf.add(0, [5, 6], True) and buf.add(1, [5, 6], False)
-    assert not buf.add(0, np.array([5, 6]), True)
-    assert buf.extend([Sample(0, (5, 6), True), Sample(0, (7,), False)]) == 1
-    assert len(buf) == 3
+def test_replay_buffer_dedup_rules_and_loop_state_round_trips():
+    one_call = [Sample(0, (5, 6), True), Sample(1, (5, 6), False), Sample(0, (5, 6), True)]
+    released = ReplayBuffer()
+    assert released.extend(one_call) == 2  # a repeat within one question's call is dropped
+    assert released.extend(one_call) == 2  # the next round's repeats are kept, as released
+    whole_run = ReplayBuffer()
+    assert whole_run.extend(one_call, "run") == 2
+    assert whole_run.extend([*one_call, Sample(0, (7,), False)], "run") == 1
+    assert [len(released), len(whole_run)] == [4, 3]
+    with pytest.raises(ValueError, match="dedup"):
+        released.extend(one_call, "never")
+    buf = whole_run
     state = LoopState(round=2, step_in_round=5, buffer=buf, sample_metrics={"new_samples": 3.0})
     state.train_sums = {"loss": 1.5, "steps": 5.0}
     again = LoopState.from_json(json.loads(json.dumps(state.to_json())))
     assert again == state
-    assert not again.buffer.add(1, [5, 6], False)
+    assert again.buffer.extend([Sample(1, (5, 6), False)], "run") == 0
     again.next_round()
     assert (again.round, again.step_in_round, again.sample_metrics, again.train_sums) == (
         3,

@@ -206,3 +206,42 @@ def test_overflow_raises_or_truncates_with_counts():
         features.make_features(
             [ex], tok, max_encoder_len=10, max_decoder_len=8, on_overflow="truncate"
         )
+
+
+def test_text_round_trips_of_the_released_trainer():
+    """``retokenize``: the output text is tokenized again, and so is the cut span; a span
+    that starts mid-word gains a word-start piece (SentencePiece)."""
+    from tasks import vocab as vocab_lib
+
+    vocab = vocab_lib.get_vocabulary(vocab_size=1024)
+
+    def tokenize(text):
+        return [int(t) for t in vocab.encode(text)]
+
+    def detokenize(ids):
+        return vocab.decode([int(t) for t in ids if int(t) > EOS_ID])
+
+    ids = tokenize("(B) orange ball")
+    pieces = [vocab.tokenizer.id_to_piece(i) for i in ids]
+    # Spans start at even positions: the first even piece that continues a word ("B").
+    starts = [i for i, p in enumerate(pieces) if i % 2 == 0 and not p.startswith("\u2581")]
+    assert starts, pieces
+    cut = starts[0]
+    length = len(ids) + 1  # EOS
+    for seed in range(200):  # a seed whose span starts at that mid-word piece
+        span = rl.sample_span(length, np.random.default_rng(seed))
+        if span[0] == cut:
+            break
+    else:
+        raise AssertionError(f"no seed gives a span starting at {cut} of {length}")
+    kw = dict(detokenize=detokenize, relabel_instruction="paper")
+    plain = rl.relabel(QUERY, ids, False, "(A)", np.random.default_rng(seed), **kw)
+    text = rl.relabel(
+        QUERY, ids, False, "(A)", np.random.default_rng(seed), retokenize=tokenize, **kw
+    )
+    assert (plain.start, plain.end) == (text.start, text.end) == span
+    body = ids[span[0] : span[1]]
+    assert list(plain.target) == [t for t in body if t != EOS_ID] + [EOS_ID]
+    again = [t for t in tokenize(detokenize(body)) if t != EOS_ID]
+    assert list(text.target) == again + [EOS_ID] and again != body[: len(again)]
+    assert vocab.tokenizer.id_to_piece(int(text.target[0])).startswith("\u2581")

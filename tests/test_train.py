@@ -449,3 +449,90 @@ def test_missing_batch_keys_and_bad_microbatches_are_clear_errors():
     step = train.make_train_step(model, opt, p8, loss=train.nll_loss_config(), num_microbatches=4)
     with pytest.raises(part.PartitioningError, match="microbatch size 2"):
         step.lower(abstract, batch)
+
+
+def test_dropout_masks_differ_by_key_and_by_pass_and_never_touch_generation():
+    from hir_jax import decoding
+
+    off_cfg = DROPOUT_CFG.replace(dropout_rate=0.0)
+    params = _init(DROPOUT_CFG, 0)
+    batch = hir_batch(1, DROPOUT_CFG.vocab_size)
+    same_input = {**batch, train.NEG: batch[train.POS]}  # negative rows = positive rows
+
+    def run(cfg, loss, b, seed):  # the step's loss (forward only: quick to compile)
+        def value(p, bb, key):
+            norms = losses.normalisers(bb[train.WEIGHTS])
+            return train._loss(T5(cfg), loss, p, bb, key, norms)[0]
+
+        return float(jax.jit(value)(params, b, jax.random.key(seed)))
+
+    def stats(cfg, seed):
+        fn = jax.jit(
+            lambda p, bb, key: train._token_stats(T5(cfg), train.LossConfig(), p, bb, key, True)
+        )
+        return jax.device_get(fn(params, same_input, jax.random.key(seed)))
+
+    for passes in (2, 3):
+        loss = train.LossConfig(forward_passes=passes)
+        assert run(DROPOUT_CFG, loss, batch, 1) != run(DROPOUT_CFG, loss, batch, 2)
+        assert run(off_cfg, loss, batch, 1) == run(off_cfg, loss, batch, 2)
+    # The released three passes draw other masks than the two-pass form; without dropout
+    # both are the same loss.
+    two, three = train.LossConfig(forward_passes=2), train.LossConfig(forward_passes=3)
+    assert run(DROPOUT_CFG, two, batch, 1) != run(DROPOUT_CFG, three, batch, 1)
+    np.testing.assert_allclose(
+        run(off_cfg, two, batch, 1), run(off_cfg, three, batch, 1), rtol=1e-6
+    )
+    # Positive and negative rows of one pass get their own masks: identical inputs, other
+    # log-likelihoods (equal without dropout).
+    on, off = stats(DROPOUT_CFG, 3), stats(off_cfg, 3)
+    real = np.asarray(batch[train.WEIGHTS]).sum(-1) > 0
+    assert np.all(on["pos_ll"][real] != on["neg_ll"][real])
+    np.testing.assert_allclose(off["pos_ll"], off["neg_ll"], rtol=1e-6)
+    # Sampling and evaluation never enable dropout: the same outputs as without it.
+    cfg = decoding.SamplingConfig(num_samples=2, max_new_tokens=4)
+    outs = [
+        decoding.generate(T5(c), params, batch[train.POS], jax.random.key(4), cfg).tokens
+        for c in (DROPOUT_CFG, off_cfg)
+    ]
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_bf16_adamw_matches_torch_and_not_the_fp32_master_result():
+    """The released numerics: bf16 weights and bf16 Adam moments, no fp32 master copy."""
+    import torch
+
+    config = get_config("tiny", param_dtype="bfloat16", dtype="bfloat16")
+    opt = train.make_optimizer()  # AdamW 5e-4, weight decay 0
+    state = train.create_train_state(config, _init(TINY), opt, _one_device(), jax.random.key(0))
+    dtypes = {x.dtype for x in jax.tree.leaves((state.params, state.opt_state)) if x.ndim}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
+
+    rng = np.random.default_rng(0)
+    # Weights of magnitude >= 0.25, where a 5e-4 step is below half a bf16 spacing.
+    w = (rng.uniform(0.25, 1.0, (64, 48)) * rng.choice([-1, 1], (64, 48))).astype(np.float32)
+    grads = [rng.normal(0, 1e-2, w.shape).astype(np.float32) for _ in range(12)]
+    bf16 = jnp.bfloat16
+
+    def ours(dtype):
+        p = {"w": jnp.asarray(w, dtype)}
+        s = opt.tx.init(p)
+        for g in grads:
+            u, s = opt.tx.update({"w": jnp.asarray(g, dtype)}, s, p)
+            p = optax.apply_updates(p, u)
+        return np.asarray(p["w"].astype(bf16).astype(jnp.float32))
+
+    t = torch.tensor(w).to(torch.bfloat16)
+    torch_opt = torch.optim.AdamW([t], lr=5e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    for g in grads:
+        t.grad = torch.tensor(g).to(torch.bfloat16)
+        torch_opt.step()
+    reference = t.float().numpy()
+
+    mine, master = ours(bf16), ours(jnp.float32)
+    spacing = 2.0 ** (np.floor(np.log2(np.abs(reference))) - 7)  # one bf16 step
+    assert np.max(np.abs(mine - reference) / spacing) <= 1  # equal to bf16 rounding
+    assert np.mean(mine == reference) > 0.95
+    # An fp32 master copy accumulates the small steps that bf16 rounds away.
+    assert np.mean(master != reference) > 0.3
+    assert np.mean(mine == w.astype(bf16).astype(np.float32)) > 0.9  # mostly stuck, as torch

@@ -46,11 +46,13 @@ class Sample:
 @dataclasses.dataclass(frozen=True)
 class ExampleContext:
     """What ``Method.example`` needs besides the item: the item's question, the item's
-    own random generator for this epoch, and ids -> text (special ids skipped)."""
+    own random generator for this epoch, ids -> text (special ids skipped) and text ->
+    ids (no EOS)."""
 
     question: Example
     rng: np.random.Generator
     detokenize: Callable[[Sequence[int]], str]
+    tokenize: Callable[[str], list[int]]
 
 
 Items = Sequence[Sample]

@@ -4,7 +4,7 @@ released code's settings)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 import gin
 
@@ -24,7 +24,9 @@ class HIR(Method):
     ``sub_output=False`` trains on whole outputs; ``relabel_instruction`` is "released"
     ("Solve question with correct answer." for correct outputs) or "paper";
     ``holdout_fraction`` of each round's buffer is held out for perplexity (10%, as the
-    released trainer's ``train_test_split``).
+    released trainer's ``train_test_split``); ``span_tokens`` is "ids" (the sampled ids
+    throughout) or "text" (the released trainer's text round trips of the output and of
+    the cut span, ``relabel.relabel(retokenize=...)``).
     """
 
     name: ClassVar[str] = "hir"
@@ -32,6 +34,7 @@ class HIR(Method):
     sub_output: bool = True
     relabel_instruction: relabel.RelabelInstruction = "released"
     holdout_fraction: float = 0.1
+    span_tokens: Literal["ids", "text"] = "ids"
 
     def __post_init__(self) -> None:
         if self.relabel_instruction not in ("released", "paper"):
@@ -39,6 +42,8 @@ class HIR(Method):
                 "HIR.relabel_instruction must be 'released' or 'paper', "
                 f"got {self.relabel_instruction!r}"
             )
+        if self.span_tokens not in ("ids", "text"):
+            raise ValueError(f"HIR.span_tokens must be 'ids' or 'text', got {self.span_tokens!r}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ValueError(f"HIR.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
 
@@ -55,4 +60,5 @@ class HIR(Method):
             detokenize=context.detokenize,
             sub_output=self.sub_output,
             relabel_instruction=self.relabel_instruction,
+            retokenize=context.tokenize if self.span_tokens == "text" else None,
         )

@@ -34,8 +34,8 @@ class T5Config:
     layer_norm_epsilon: float = 1e-6
     feed_forward_proj: str = "gated-gelu"  # "gated-gelu" | "relu" | "gated-relu" | "gelu"
     tie_word_embeddings: bool = False
-    dtype: str = "float32"  # activation dtype; parameters are always float32
-    param_dtype: str = "float32"
+    dtype: str = "float32"  # activation (compute) dtype
+    param_dtype: str = "float32"  # weights, and so the AdamW moments (bf16: released code)
     remat: bool = False  # rematerialise each layer in the backward pass (saves memory)
 
     def __post_init__(self) -> None:
