@@ -161,6 +161,8 @@ class Loop:
         self.loss, self.partitioner = self.spec.loss, self.spec.partitioner
         self.base_rng = jax.random.key(self.seed)
         self.train_step = self.spec.train_step(self.model) if self.method.trains else None
+        # Held-out perplexity: compiled once per run, reused every round.
+        self.eval_step = make_eval_step(self.model, self.partitioner, loss=self.loss)
         self.state: Any = None
         self.progress = LoopState()
 
@@ -251,19 +253,18 @@ class Loop:
         }
 
     def _batch(
-        self, items: Sequence[Sample], epoch: int, loss: LossConfig, questions: Sequence[Example],
-        positions: Sequence[int],
-    ) -> dict[str, np.ndarray]:  # fmt: skip
+        self, items: Sequence[Sample], positions: Sequence[int], epoch: int
+    ) -> dict[str, np.ndarray]:
         """One train batch: ``method.example`` of each item (its seed: seed, round, epoch,
         its position in the round's items), padded to ``batch_size`` rows."""
         examples = []
         for item, pos in zip(items, positions, strict=True):
             rng = np.random.default_rng([self.seed, self.progress.round, epoch, int(pos)])
             context = ExampleContext(
-                questions[item.query], rng, self.codec.decode, self.codec.encode
+                self.train.examples[item.query], rng, self.codec.decode, self.codec.encode
             )
             examples.append(self.method.example(item, context))
-        return self._features(examples, loss)
+        return self._features(examples, self.loss)
 
     def _features(self, examples: Sequence[Any], loss: LossConfig) -> dict[str, np.ndarray]:
         cfg = self.config
@@ -297,9 +298,7 @@ class Loop:
         holdout, chosen = order[:n_hold], order[n_hold:][:cap]
 
         def make_batch(positions: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
-            return self._batch(
-                [items[p] for p in positions], epoch, self.loss, self.train.examples, positions
-            )
+            return self._batch([items[p] for p in positions], positions, epoch)
 
         out = self._train(
             self.train_step, chosen, self.config.epochs, _TRAIN, make_batch, preemption,
@@ -310,11 +309,10 @@ class Loop:
         return out
 
     def _holdout_perplexity(self, holdout: np.ndarray, make_batch: Any) -> dict[str, float]:
-        eval_step = make_eval_step(self.model, self.partitioner, loss=self.loss)
         results = []
         for first in range(0, len(holdout), self.config.batch_size):
             batch = make_batch(holdout[first : first + self.config.batch_size], _HOLDOUT_EPOCH)
-            results.append(eval_step(self.state.params, batch))
+            results.append(self.eval_step(self.state.params, batch))
         summary = summarize_eval(results)
         return {"holdout_perplexity": summary["perplexity"], "holdout_nll": summary.get("nll", 0.0)}
 
