@@ -143,15 +143,18 @@ def load(
     vocabulary: Any = None,
     *,
     train_split: str = "train",
-    test_split: str = "test",
+    test_split: str | None = "test",
     max_train_examples: int | None = None,
     max_test_examples: int | None = None,
 ) -> TaskData:
-    """Reads the train and test examples of task or mixture ``name`` (limits per task)."""
+    """Reads the train and test examples of task or mixture ``name`` (limits per task);
+    ``test_split=None`` reads the training split only (e.g. a warm-up task)."""
     provider = resolve(name, vocabulary)
     tasks = _leaf_tasks(provider)
     train = [ex for t in tasks for ex in read_split(t, train_split, max_train_examples)]
-    test = [ex for t in tasks for ex in read_split(t, test_split, max_test_examples)]
+    test = []
+    if test_split is not None:
+        test = [ex for t in tasks for ex in read_split(t, test_split, max_test_examples)]
     return TaskData(provider.name, tuple(t.name for t in tasks), tuple(train), tuple(test))
 
 

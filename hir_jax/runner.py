@@ -190,12 +190,15 @@ def run(
     if not chief:  # one host reports; the others keep quiet
         metrics_log.set_progress_enabled(False)
     vocab = spec.vocabulary()
-    limits = dict(train_split=cfg.train_split, test_split=cfg.test_split)
     task_data = data_lib.load(
-        task, vocab, max_train_examples=cfg.max_train_examples,
-        max_test_examples=cfg.max_test_examples, **limits,
+        task, vocab, train_split=cfg.train_split, test_split=cfg.test_split,
+        max_train_examples=cfg.max_train_examples, max_test_examples=cfg.max_test_examples,
     )  # fmt: skip
-    warmup = data_lib.load(cfg.warmup_task, vocab, **limits).train if cfg.warms_up else ()
+    warmup = ()
+    if cfg.warms_up:  # its training split only
+        warmup = data_lib.load(
+            cfg.warmup_task, vocab, train_split=cfg.train_split, test_split=None
+        ).train
     codec = data_lib.TextCodec(vocab, EOS_ID + 1)
     train = _split(task_data.train, codec, cfg.max_input_length, "train")
     test = _split(task_data.test, codec, cfg.max_input_length, "test")
