@@ -2,7 +2,7 @@
 
     python bench/train_step.py [--size small] [--batch 32] [--inputs 256] [--targets 32]
                                [--steps 2] [--hir_steps 1] [--microbatches 1] [--dropout 0.0]
-                               [--hf_hir]
+                               [--hf_hir] [--no_rl]
 
 Random weights, fp32, same shapes and the same machine for both. Examples/s of:
 
@@ -11,7 +11,11 @@ Random weights, fp32, same shapes and the same machine for both. Examples/s of:
 * the HIR step (label-smoothed NLL + binary contrastive + entropy, positive and negative
   instruction): ours (one model call on 2B rows); with ``--hf_hir`` also the released
   code's loss on HF (two forward passes, ``LabelSmoother``, ``Categorical`` entropy;
-  about twice the HF NLL step's time), giving ``hir_train_vs_hf``.
+  about twice the HF NLL step's time), giving ``hir_train_vs_hf``;
+* the PPO and GRPO steps (``hir_jax.methods.PPO``/``GRPO``: clipped ratio objective,
+  PPO's value head and clipped value loss, GRPO's k3 KL; the rollout's per-token values
+  random), timed like the HIR step: ``ours_ppo_examples_per_s``,
+  ``ours_grpo_examples_per_s``.
 
 Steps are timed in alternation (ours, HF, ours, HF...), ``--steps`` (HIR:
 ``--hir_steps``) times each after one warm-up step (ours: includes the compile); the
@@ -76,13 +80,31 @@ def make_batch(cfg, batch: int, inputs: int, targets: int, seed: int = 0) -> dic
     }
 
 
-def ours_runner(cfg, batch, loss, microbatches: int) -> Callable[[], None]:
-    """One step of our jitted train step per call, compiled and warmed up."""
+def rl_batch(batch: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarray]:
+    """``batch`` with random rollout values (old/ref log-probs, values, advantages)."""
+    rng = np.random.default_rng(seed)
+    shape = batch[features.DECODER_TARGET].shape
+    extra = {k: rng.normal(size=shape).astype(np.float32) for k in features.TOKEN_FEATURES}
+    extra[features.OLD_LOGPROBS] = -np.abs(extra[features.OLD_LOGPROBS]) - 5.0
+    extra[features.REF_LOGPROBS] = extra[features.OLD_LOGPROBS] + 0.01
+    return {**batch, **extra}
+
+
+def ours_runner(cfg, batch, loss, microbatches: int, method=None) -> Callable[[], None]:
+    """One step of our jitted train step per call, compiled and warmed up (``method``:
+    that method's step and state layout, e.g. PPO's)."""
     part = partitioning.make_partitioner(data=-1, model=1)
     opt = train.make_optimizer()
     params = jax.jit(lambda r: t5.init_params(cfg, r))(jax.random.key(0))
-    state = train.create_train_state(cfg, params, opt, part, jax.random.key(1))
-    step = train.make_train_step(t5.T5(cfg), opt, part, loss=loss, num_microbatches=microbatches)
+    extras = method.state_extras() if method is not None else None
+    state = train.create_train_state(cfg, params, opt, part, jax.random.key(1), extras)
+    if method is None:
+        step = train.make_train_step(
+            t5.T5(cfg), opt, part, loss=loss, num_microbatches=microbatches
+        )
+    else:
+        step = method.make_train_step(t5.T5(cfg), opt, part, method.loss(loss), microbatches)
+        batch = rl_batch(batch)
     sharded = part.shard_batch(batch)
     holder = {"state": state}
 
@@ -149,6 +171,7 @@ def main() -> None:
     ap.add_argument("--microbatches", type=int, default=1)
     ap.add_argument("--dropout", type=float, default=0.0, help="dropout rate, both models")
     ap.add_argument("--hf_hir", action="store_true", help="also time HF with the HIR loss")
+    ap.add_argument("--no_rl", action="store_true", help="skip the PPO and GRPO steps")
     args = ap.parse_args()
 
     cfg = get_config(args.size, dropout_rate=args.dropout)
@@ -178,6 +201,11 @@ def main() -> None:
     runners = {"ours hir step": ours_runner(cfg, batch, train.LossConfig(), args.microbatches)}
     if args.hf_hir:
         runners["hf hir step"] = hf_runner(cfg, batch, hir=True, dropout=args.dropout)
+    if not args.no_rl:
+        from hir_jax.methods import GRPO, PPO
+
+        for name, method in (("ppo", PPO()), ("grpo", GRPO())):
+            runners[f"ours {name} step"] = ours_runner(cfg, batch, nll, args.microbatches, method)
     t.update(alternate(runners, args.hir_steps))
     report("ours hir step", t["ours hir step"])
     results = {
@@ -185,6 +213,10 @@ def main() -> None:
         "train_vs_hf_cpu": hf_nll[1] / ours_nll[1],
         "ours_hir_examples_per_s": b / t["ours hir step"][0],
     }
+    if not args.no_rl:
+        for name in ("ppo", "grpo"):
+            report(f"ours {name} step", t[f"ours {name} step"])
+            results[f"ours_{name}_examples_per_s"] = b / t[f"ours {name} step"][0]
     if args.hf_hir:
         report("hf hir step", t["hf hir step"])
         results["hir_train_vs_hf"] = t["hf hir step"][0] / t["ours hir step"][0]

@@ -134,6 +134,8 @@ def _state_bytes(state: Any) -> dict[str, int]:
     return {
         "parameter_bytes": shard_bytes(state.params),
         "optimizer_bytes": shard_bytes(state.opt_state),
+        "reference_bytes": shard_bytes(state.reference),  # an RL method's frozen policy
+        "head_bytes": shard_bytes(state.heads),  # e.g. PPO's value head
         "state_bytes": shard_bytes(state),
     }
 
@@ -232,10 +234,10 @@ def analyze(
 
     state = spec.abstract_state()
     _check_rows("batch", batch, mesh["data"] * num_microbatches, mesh)
-    train_batch = features.abstract_batch(
-        loss, batch, input_length, target_length, partitioner.batch_sharding
-    )
     step = spec.train_step(t5)
+    train_batch = features.abstract_batch(
+        loss, batch, input_length, target_length, partitioner.batch_sharding, keys=step.keys
+    )
     start = time.perf_counter()
     compiled = step.lower(state, train_batch).compile()
     train_stats = _memory(compiled)
@@ -252,7 +254,9 @@ def analyze(
         "num_params": count_params(param_shapes(config)),
         "optimizer": optimizer_name,
         "method": spec.method.name,
-        "loss": f"{loss.kind}" + (f"/{loss.contrastive}" if loss.kind == "hir" else ""),
+        "loss": spec.method.name
+        if step.keys is not None
+        else f"{loss.kind}" + (f"/{loss.contrastive}" if loss.kind == "hir" else ""),
         "shapes": {
             "batch": batch,
             "num_microbatches": num_microbatches,
@@ -316,6 +320,13 @@ def format_report(result: dict[str, Any], name: str = "model") -> str:
         "  per device:",
         f"    parameters        {fb(t['parameter_bytes']):>12}",
         f"    optimizer state   {fb(t['optimizer_bytes']):>12}",
+    ]
+    if t.get("reference_bytes") or t.get("head_bytes"):
+        lines += [
+            f"    reference model   {fb(t['reference_bytes']):>12}",
+            f"    value head        {fb(t['head_bytes']):>12}",
+        ]
+    lines += [
         f"    batch             {fb(t['batch_bytes']):>12}",
         f"    temporaries       {fb(t['temp_bytes']):>12}",
         f"    arguments         {fb(t['argument_bytes']):>12}  (donated/aliased "

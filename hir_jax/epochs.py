@@ -25,7 +25,10 @@ class MetricSums:
     """Running sums of the train step's scalar metrics, read from the device one step late
     (reading a step's metrics waits for that step; the step after it is already queued)."""
 
-    KEYS = ("loss", "nll", "contrastive", "entropy", "token_accuracy", "grad_norm")
+    KEYS = (
+        "loss", "nll", "contrastive", "entropy", "token_accuracy", "grad_norm",
+        "policy_loss", "value_loss", "kl", "clip_fraction", "approx_kl",
+    )  # fmt: skip
 
     def __init__(self, sums: dict[str, float]) -> None:
         self._sums = dict(sums)

@@ -5,9 +5,14 @@ A train batch is a dict of host arrays with a leading example dimension ``B``:
 * ``encoder_pos_tokens`` ``[B, Le]``: query under the positive (hindsight) instruction;
 * ``encoder_neg_tokens`` ``[B, Le]``: the same query under the negative instruction
   (only for a loss with a contrastive term);
+* ``encoder_orig_tokens`` ``[B, Le]``: the same query under the sampling instruction
+  (only for a loss with the released code's KL term to the reference);
 * ``decoder_input_tokens`` ``[B, Ld]``: targets shifted right, starting with PAD (0);
 * ``decoder_target_tokens`` ``[B, Ld]`` and ``decoder_loss_weights`` ``[B, Ld]`` (0 on pads);
-* ``positive_is_correct`` ``[B]`` (only for the in-batch contrastive term).
+* ``positive_is_correct`` ``[B]`` (only for the in-batch contrastive term);
+* per-token rollout values ``[B, Ld]`` aligned with the decoder targets, for the RL
+  methods: ``old_logprobs``, ``ref_logprobs``, ``old_values``, ``advantages``,
+  ``returns`` (``add_token_features``).
 
 ``make_features`` builds them from relabeled examples; ``batch`` keeps what a loss needs,
 cuts the lengths to buckets and pads the rows to a fixed batch, so that a round compiles
@@ -23,26 +28,35 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from hir_jax.special_ids import DECODER_START_ID, EOS_ID
-from tasks.instructions import prompt
+from tasks.instructions import CORRECT, prompt
 
 if TYPE_CHECKING:
     from hir_jax.relabel import RelabeledExample
 
 ENCODER_POS = "encoder_pos_tokens"
 ENCODER_NEG = "encoder_neg_tokens"
+ENCODER_ORIG = "encoder_orig_tokens"
 DECODER_INPUT = "decoder_input_tokens"
 DECODER_TARGET = "decoder_target_tokens"
 DECODER_WEIGHTS = "decoder_loss_weights"
 POS_IS_CORRECT = "positive_is_correct"
-ENCODER_FEATURES = (ENCODER_POS, ENCODER_NEG)
-DECODER_FEATURES = (DECODER_INPUT, DECODER_TARGET, DECODER_WEIGHTS)
+OLD_LOGPROBS = "old_logprobs"
+REF_LOGPROBS = "ref_logprobs"
+OLD_VALUES = "old_values"
+ADVANTAGES = "advantages"
+RETURNS = "returns"
+TOKEN_FEATURES = (OLD_LOGPROBS, REF_LOGPROBS, OLD_VALUES, ADVANTAGES, RETURNS)
+ENCODER_FEATURES = (ENCODER_POS, ENCODER_NEG, ENCODER_ORIG)
+DECODER_FEATURES = (DECODER_INPUT, DECODER_TARGET, DECODER_WEIGHTS) + TOKEN_FEATURES
 DTYPES: dict[str, Any] = {
     ENCODER_POS: np.int32,
     ENCODER_NEG: np.int32,
+    ENCODER_ORIG: np.int32,
     DECODER_INPUT: np.int32,
     DECODER_TARGET: np.int32,
     DECODER_WEIGHTS: np.float32,
     POS_IS_CORRECT: np.int32,
+    **{k: np.float32 for k in TOKEN_FEATURES},
 }
 
 # Sequence lengths are padded up to one of these (few compiled shapes).
@@ -57,6 +71,8 @@ def required(loss: Any) -> list[str]:
         keys.append(ENCODER_NEG)
         if loss.contrastive == "in_batch":
             keys.append(POS_IS_CORRECT)
+    if getattr(loss, "kl_coef", 0.0):
+        keys.append(ENCODER_ORIG)
     return keys
 
 
@@ -66,6 +82,14 @@ def select(batch: Mapping[str, Any], loss: Any) -> dict[str, Any]:
     missing = [k for k in keys if k not in batch]
     if missing:
         raise KeyError(f"batch lacks {missing} (has {sorted(batch)}) for loss {loss}")
+    return {k: batch[k] for k in keys}
+
+
+def pick(batch: Mapping[str, Any], keys: Sequence[str]) -> dict[str, Any]:
+    """The entries ``keys`` of ``batch``; KeyError naming what is missing."""
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"batch lacks {missing} (has {sorted(batch)})")
     return {k: batch[k] for k in keys}
 
 
@@ -179,23 +203,26 @@ def make_features(
             cache[text] = ids
         return cache[text]
 
-    enc_pos, enc_neg, dec_tgt, enc_cut, dec_cut = [], [], [], [], []
+    enc_pos, enc_neg, enc_orig, dec_tgt, enc_cut, dec_cut = [], [], [], [], [], []
     for i, ex in enumerate(examples):
         pos_ids = encode(prompt(ex.positive, ex.query))
         neg_ids = encode(prompt(ex.negative, ex.query))
+        orig_ids = encode(prompt(CORRECT, ex.query))
         prefix = [int(t) for t in ex.prefix]
-        need = max(len(pos_ids), len(neg_ids)) + len(prefix) + 1
+        longest = max(len(pos_ids), len(neg_ids), len(orig_ids))
+        need = longest + len(prefix) + 1
         cut = max(0, need - max_encoder_len)
         if cut and (on_overflow == "error" or cut > len(prefix)):
             raise ValueError(
                 f"example {i}: encoder input needs {need} tokens (prompt "
-                f"{max(len(pos_ids), len(neg_ids))} + moved prefix {len(prefix)} + EOS) but "
+                f"{longest} + moved prefix {len(prefix)} + EOS) but "
                 f"max_encoder_len={max_encoder_len}; raise max_encoder_len"
                 + (" or pass on_overflow='truncate'" if on_overflow == "error" else "")
             )
         prefix = prefix[cut:]
         enc_pos.append(np.asarray(pos_ids + prefix + [EOS_ID], np.int32))
         enc_neg.append(np.asarray(neg_ids + prefix + [EOS_ID], np.int32))
+        enc_orig.append(np.asarray(orig_ids + prefix + [EOS_ID], np.int32))
         enc_cut.append(cut)
 
         target = np.asarray(ex.target, np.int32)
@@ -217,6 +244,7 @@ def make_features(
     return {
         ENCODER_POS: _pad(enc_pos, max_encoder_len, np.int32),
         ENCODER_NEG: _pad(enc_neg, max_encoder_len, np.int32),
+        ENCODER_ORIG: _pad(enc_orig, max_encoder_len, np.int32),
         DECODER_TARGET: targets,
         DECODER_INPUT: inputs,
         DECODER_WEIGHTS: weights,
@@ -243,10 +271,34 @@ def batch(
     return pad_rows(trim_to_buckets(select(feats, loss)), rows)
 
 
+def add_token_features(
+    batch: Mapping[str, np.ndarray], per_example: Sequence[Mapping[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """``batch`` with per-token arrays of its first ``len(per_example)`` rows added, each
+    zero-padded to the batch's decoder length and rows (``TOKEN_FEATURES`` names)."""
+    out = dict(batch)
+    rows, length = batch[DECODER_TARGET].shape
+    if not per_example:
+        return out
+    for key in per_example[0]:
+        arr = np.zeros((rows, length), np.float32)
+        for i, values in enumerate(per_example):
+            v = np.asarray(values[key], np.float32)[:length]
+            arr[i, : len(v)] = v
+        out[key] = arr
+    return out
+
+
 def abstract_batch(
-    loss: Any, rows: int, encoder_length: int, decoder_length: int, sharding: Any = None
+    loss: Any,
+    rows: int,
+    encoder_length: int,
+    decoder_length: int,
+    sharding: Any = None,
+    keys: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """``jax.ShapeDtypeStruct``s of one train batch for ``loss`` (ahead-of-time compiles)."""
+    """``jax.ShapeDtypeStruct``s of one train batch for ``loss`` (ahead-of-time compiles);
+    ``keys``: these features instead of what ``loss`` needs."""
     import jax
 
     def shape(key: str) -> tuple[int, ...]:
@@ -254,7 +306,8 @@ def abstract_batch(
             return (rows,)
         return (rows, encoder_length if key in ENCODER_FEATURES else decoder_length)
 
-    return {k: jax.ShapeDtypeStruct(shape(k), DTYPES[k], sharding=sharding) for k in required(loss)}
+    names = required(loss) if keys is None else keys
+    return {k: jax.ShapeDtypeStruct(shape(k), DTYPES[k], sharding=sharding) for k in names}
 
 
 def real_examples(batch: Mapping[str, np.ndarray]) -> int:

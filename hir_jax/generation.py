@@ -24,8 +24,10 @@ def generate_split(
     partitioner: Partitioner,
     check: Callable[[], None],
     desc: str,
+    keep_eos: bool = False,
 ) -> tuple[list[list[list[int]]], float]:
-    """Outputs ``[prompt][sample] -> ids`` (no EOS), and new tokens per second.
+    """Outputs ``[prompt][sample] -> ids`` (no EOS unless ``keep_eos``: then an output
+    that reached EOS ends with it), and new tokens per second.
 
     Every batch has ``batch_size`` rows rounded up to the data-parallel size (one
     compiled shape per length bucket); a prompt's samples depend only on ``rng`` and its
@@ -43,7 +45,8 @@ def generate_split(
         res = to_host(decoding.generate(model, params, enc, rng, cfg, row_ids, partitioner))
         tokens += int(np.sum(res.lengths[:n]))
         out.extend(
-            [decoding.output_ids(res, r, k) for k in range(cfg.num_samples)] for r in range(n)
+            [decoding.output_ids(res, r, k, keep_eos) for k in range(cfg.num_samples)]
+            for r in range(n)
         )
         check()
     return out, tokens / max(time.perf_counter() - start, 1e-9)

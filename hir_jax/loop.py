@@ -7,10 +7,14 @@ the evaluation of the initial model) and then ``LoopConfig.num_rounds`` rounds o
 1. sampling K outputs per training question under the "correct answer" instruction,
    when the method samples (``decoding.generate`` over the split, ``generation``);
 2. judging them (``feedback.score`` with the run's judge);
-3. ``method.collect``: what joins the replay buffer;
+3. ``method.collect``: what joins the replay buffer (an on-policy method's buffer holds
+   this round's samples only);
 4. ``method.training_items`` (capped at ``buffer_cap_factor`` x N_train, with the method's
-   held-out fraction), and ``LoopConfig.epochs`` epochs of the method's train step over
-   examples that ``method.example`` builds afresh every epoch (``epochs.train_epochs``);
+   held-out fraction); for a method with a scorer (the RL methods) one scoring pass over
+   them with the round's starting state and ``method.annotate`` (per-token values kept in
+   the loop state); then ``LoopConfig.epochs`` (or the method's) epochs of the method's
+   train step over examples that ``method.example`` builds afresh every epoch
+   (``epochs.train_epochs``);
 5. greedy evaluation on the test split: accuracy (per task and their mean for a
    mixture), predictions under MODEL_DIR/predictions.
 
@@ -37,17 +41,19 @@ from hir_jax.checkpoints.state import StateCheckpointer, checkpoint_id
 from hir_jax.data import Example, TaskData, TextCodec
 from hir_jax.epochs import train_epochs
 from hir_jax.generation import generate_split
-from hir_jax.loop_state import LoopState
+from hir_jax.loop_state import LoopState, ReplayBuffer
 from hir_jax.methods.base import ExampleContext, Method, Sample, gold_answers, gold_example
 from hir_jax.paths import as_path
 from hir_jax.preemption import Preempted, Preemption
-from hir_jax.train import LossConfig, make_eval_step, summarize_eval
+from hir_jax.special_ids import EOS_ID
+from hir_jax.train import LossConfig, freeze_reference, make_eval_step, summarize_eval
 
 if TYPE_CHECKING:
     from hir_jax.runner import Setup
 
 _SAMPLE, _TRAIN, _HOLDOUT, _WARMUP = 0, 1, 2, 3
 _HOLDOUT_EPOCH = 2**31 - 1  # example seed of the held-out items
+_SCORE_EPOCH = 2**31 - 2  # example seed of the scoring pass
 
 
 @gin.configurable(module="hir_jax.loop")
@@ -161,6 +167,10 @@ class Loop:
         self.loss, self.partitioner = self.spec.loss, self.spec.partitioner
         self.base_rng = jax.random.key(self.seed)
         self.train_step = self.spec.train_step(self.model) if self.method.trains else None
+        self.extras = self.spec.extras
+        self.scorer = (
+            self.method.make_scorer(self.model, self.partitioner) if self.method.trains else None
+        )
         # Held-out perplexity: compiled once per run, reused every round.
         self.eval_step = make_eval_step(self.model, self.partitioner, loss=self.loss)
         self.state: Any = None
@@ -175,6 +185,8 @@ class Loop:
         last_round = cfg.num_rounds if self.method.trains else 0
         if progress.round == 0:
             warm = self.warm_up(preemption) if cfg.warms_up else {}
+            if cfg.warms_up and self.extras.reference:  # the policy the method starts from
+                self.state = freeze_reference(self.state)
             test = self.evaluate(preemption) if cfg.eval_initial else {}
             self._finish_round({"train": warm, "test": test})
         while progress.round <= last_round:
@@ -220,12 +232,12 @@ class Loop:
 
     def _generate(
         self, split: Split, cfg: decoding.SamplingConfig, rng: jax.Array, batch: int,
-        preemption: Preemption, desc: str,
+        preemption: Preemption, desc: str, keep_eos: bool = False,
     ) -> tuple[list[list[list[int]]], float]:  # fmt: skip
         return generate_split(
             self.model, self.state.params, split.prompt_ids, cfg, rng,
             batch_size=batch, partitioner=self.partitioner,
-            check=lambda: self._check(preemption), desc=desc,
+            check=lambda: self._check(preemption), desc=desc, keep_eos=keep_eos,
         )  # fmt: skip
 
     def _score(self, examples: Sequence[Example], texts: Sequence[str]) -> Any:
@@ -237,13 +249,22 @@ class Loop:
         """Online sampling for this round; what the method collects joins the buffer."""
         outputs, rate = self._generate(
             self.train, self.config.sampling(), self._rng(self.progress.round, _SAMPLE),
-            self.config.sample_batch_size, preemption, "sample",
+            self.config.sample_batch_size, preemption, "sample", keep_eos=True,
         )  # fmt: skip
-        flat = [(i, o) for i, outs in enumerate(outputs) for o in outs]
-        texts = [self.codec.decode(o) for _, o in flat]
-        correct, summary = self._score([self.train.examples[i] for i, _ in flat], texts)
-        samples = [Sample(i, tuple(o), ok) for (i, o), ok in zip(flat, correct, strict=True)]
-        added = self.progress.buffer.extend(self.method.collect(samples), self.config.dedup)
+        flat = [
+            (i, o[:-1] if o and o[-1] == EOS_ID else o, bool(o) and o[-1] == EOS_ID)
+            for i, outs in enumerate(outputs)
+            for o in outs
+        ]
+        texts = [self.codec.decode(o) for _, o, _ in flat]
+        correct, summary = self._score([self.train.examples[i] for i, _, _ in flat], texts)
+        samples = [
+            Sample(i, tuple(o), ok, done) for (i, o, done), ok in zip(flat, correct, strict=True)
+        ]
+        dedup = self.config.dedup
+        if self.method.on_policy:  # this round's samples only, every one of them
+            self.progress.buffer, dedup = ReplayBuffer(), "none"
+        added = self.progress.buffer.extend(self.method.collect(samples), dedup)
         return {
             "sampled_correct_rate": summary["accuracy"],
             "sampled_format_error_rate": summary["format_error_rate"],
@@ -300,13 +321,55 @@ class Loop:
         def make_batch(positions: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
             return self._batch([items[p] for p in positions], positions, epoch)
 
+        make_train_batch, round_metrics = make_batch, {}
+        if self.scorer is not None:
+            per_item, round_metrics = self._round_data(items, chosen, make_batch)
+
+            def make_train_batch(positions: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+                batch = make_batch(positions, epoch)
+                return features.add_token_features(batch, [per_item[int(p)] for p in positions])
+
+        epochs = self.config.epochs if self.method.epochs is None else self.method.epochs
         out = self._train(
-            self.train_step, chosen, self.config.epochs, _TRAIN, make_batch, preemption,
+            self.train_step, chosen, epochs, _TRAIN, make_train_batch, preemption,
             f"train r{self.progress.round}",
         )  # fmt: skip
+        out.update(round_metrics)
         if len(holdout):
             out.update(self._holdout_perplexity(holdout, make_batch))
         return out
+
+    def _round_data(
+        self, items: Sequence[Sample], chosen: np.ndarray, make_batch: Any
+    ) -> tuple[dict[int, dict[str, np.ndarray]], dict[str, float]]:
+        """The method's per-item arrays of this round: the scorer's pass over the chosen
+        items with the round's starting state, then ``method.annotate``; computed once
+        and kept in the loop state (a resumed round reads them back)."""
+        if self.progress.round_data is None:
+            scores: list[dict[str, np.ndarray]] = []
+            for first in range(0, len(chosen), self.config.batch_size):
+                positions = chosen[first : first + self.config.batch_size]
+                batch = make_batch(positions, _SCORE_EPOCH)
+                out = self.scorer(self.state, batch)
+                lengths = np.sum(batch[features.DECODER_WEIGHTS] > 0, axis=1)
+                scores.extend(
+                    {k: v[r, : lengths[r]] for k, v in out.items()} for r in range(len(positions))
+                )
+            per_item, method_state, metrics = self.method.annotate(
+                [items[int(p)] for p in chosen], scores, dict(self.progress.method_state)
+            )
+            self.progress.method_state = method_state
+            self.progress.round_data = {
+                "positions": [int(p) for p in chosen],
+                "values": [{k: np.asarray(v).tolist() for k, v in d.items()} for d in per_item],
+                "metrics": metrics,
+            }
+        data = self.progress.round_data
+        per_position = {
+            p: {k: np.asarray(v, np.float32) for k, v in d.items()}
+            for p, d in zip(data["positions"], data["values"], strict=True)
+        }
+        return per_position, dict(data["metrics"])
 
     def _holdout_perplexity(self, holdout: np.ndarray, make_batch: Any) -> dict[str, float]:
         results = []
@@ -320,7 +383,7 @@ class Loop:
         """SFT on ``warmup_task``'s gold answers: plain NLL without label smoothing, the
         gin-bound loss's other settings (normalisation, ``logits_chunk``)."""
         loss = self.spec.warmup_loss
-        step = self.spec.train_step(self.model, loss)
+        step = self.spec.supervised_step(self.model, loss)
         items = gold_answers(self.warmup, self.codec.encode)
 
         def make_batch(positions: np.ndarray, epoch: int) -> dict[str, np.ndarray]:

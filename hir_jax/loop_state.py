@@ -22,7 +22,8 @@ class ReplayBuffer:
 
     ``extend(samples, dedup)`` adds one sampling call's outputs: ``"call"`` (the
     released sampler) drops repeats of a question's output within the call only;
-    ``"run"`` also drops a (question, output) pair added in any earlier call.
+    ``"run"`` also drops a (question, output) pair added in any earlier call; ``"none"``
+    keeps every output (an on-policy method's K samples of a prompt).
     """
 
     samples: list[Sample] = dataclasses.field(default_factory=list)
@@ -32,16 +33,16 @@ class ReplayBuffer:
 
     def extend(self, samples: Iterable[Sample], dedup: str = "call") -> int:
         """Adds one call's samples; returns how many were added."""
-        if dedup not in ("call", "run"):
-            raise ValueError(f"dedup must be 'call' or 'run', got {dedup!r}")
+        if dedup not in ("call", "run", "none"):
+            raise ValueError(f"dedup must be 'call', 'run' or 'none', got {dedup!r}")
         seen = {(s.query, s.output) for s in self.samples} if dedup == "run" else set()
         added = 0
         for s in samples:
             key = (int(s.query), tuple(int(t) for t in s.output))
-            if key in seen:
+            if dedup != "none" and key in seen:
                 continue
             seen.add(key)
-            self.samples.append(Sample(key[0], key[1], bool(s.correct)))
+            self.samples.append(Sample(key[0], key[1], bool(s.correct), bool(s.finished)))
             added += 1
         return added
 
@@ -50,12 +51,16 @@ class ReplayBuffer:
             "query": [s.query for s in self.samples],
             "output": [list(s.output) for s in self.samples],
             "correct": [s.correct for s in self.samples],
+            "finished": [s.finished for s in self.samples],
         }
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> ReplayBuffer:
-        rows = zip(d["query"], d["output"], d["correct"], strict=True)
-        return cls([Sample(int(q), tuple(int(t) for t in o), bool(c)) for q, o, c in rows])
+        finished = d.get("finished", [True] * len(d["query"]))
+        rows = zip(d["query"], d["output"], d["correct"], finished, strict=True)
+        return cls(
+            [Sample(int(q), tuple(int(t) for t in o), bool(c), bool(f)) for q, o, c, f in rows]
+        )
 
 
 @dataclasses.dataclass
@@ -67,13 +72,19 @@ class LoopState:
     buffer: ReplayBuffer = dataclasses.field(default_factory=ReplayBuffer)
     sample_metrics: dict[str, float] | None = None
     train_sums: dict[str, float] = dataclasses.field(default_factory=dict)
+    # A method's per-item values of this round, fixed before its first update (the RL
+    # methods' rollout log-probabilities, values, advantages) and their metrics.
+    round_data: dict[str, Any] | None = None
+    # What a method carries from round to round (e.g. the adaptive KL coefficient).
+    method_state: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def next_round(self) -> None:
-        """Moves to the start of the next round (the buffer carries over)."""
+        """Moves to the start of the next round (the buffer and method state carry over)."""
         self.round += 1
         self.step_in_round = 0
         self.sample_metrics = None
         self.train_sums = {}
+        self.round_data = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +93,8 @@ class LoopState:
             "buffer": self.buffer.to_json(),
             "sample_metrics": self.sample_metrics,
             "train_sums": self.train_sums,
+            "round_data": self.round_data,
+            "method_state": self.method_state,
         }
 
     @classmethod
@@ -95,4 +108,6 @@ class LoopState:
             buffer=ReplayBuffer.from_json(d["buffer"]),
             sample_metrics=d.get("sample_metrics"),
             train_sums={k: float(v) for k, v in d.get("train_sums", {}).items()},
+            round_data=d.get("round_data"),
+            method_state={k: float(v) for k, v in d.get("method_state", {}).items()},
         )

@@ -39,10 +39,11 @@ from hir_jax import metrics_log
 from hir_jax.paths import PathLike, as_path
 from tasks.bigbench import PAPER_TASKS, TASK_PREFIX
 
-METHOD_ORDER = ("zero_shot", "ppo", "sft", "farl", "hir")
+METHOD_ORDER = ("zero_shot", "ppo", "grpo", "sft", "farl", "hir")
 METHOD_NAMES = {
     "zero_shot": "No training",
     "ppo": "PPO",
+    "grpo": "GRPO",
     "sft": "SFT",
     "farl": "FARL",
     "hir": "HIR",

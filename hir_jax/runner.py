@@ -36,9 +36,11 @@ from hir_jax.preemption import Preemption
 from hir_jax.train import (
     LossConfig,
     Optimizer,
+    StateExtras,
     abstract_train_state,
     create_train_state,
     make_optimizer,
+    make_train_step,
 )
 
 
@@ -59,18 +61,34 @@ class Setup:
 
     @property
     def warmup_loss(self) -> LossConfig:
-        """The warm-up's: plain NLL, no label smoothing, the bound loss's other settings."""
-        return dataclasses.replace(self.base_loss, kind="nll", label_smoothing=0.0)
+        """The warm-up's: plain NLL, no label smoothing and no KL term, the bound loss's
+        other settings."""
+        return dataclasses.replace(self.base_loss, kind="nll", label_smoothing=0.0, kl_coef=0.0)
 
-    def train_step(self, model: T5, loss: LossConfig | None = None) -> Any:
-        """The method's jitted train step for ``loss`` (default: the method's)."""
+    @property
+    def extras(self) -> StateExtras:
+        """The train state's layout: the method's, with the frozen reference when the loss
+        has the KL term."""
+        extras = self.method.state_extras()
+        return dataclasses.replace(extras, reference=True) if self.loss.kl_coef else extras
+
+    def train_step(self, model: T5) -> Any:
+        """The method's jitted train step."""
         return self.method.make_train_step(
-            model, self.optimizer, self.partitioner, loss or self.loss, self.loop.num_microbatches
-        )
+            model, self.optimizer, self.partitioner, self.loss, self.loop.num_microbatches,
+            self.extras,
+        )  # fmt: skip
+
+    def supervised_step(self, model: T5, loss: LossConfig) -> Any:
+        """A supervised step of ``loss`` (the warm-up's) over this method's train state."""
+        return make_train_step(
+            model, self.optimizer, self.partitioner, loss=loss,
+            num_microbatches=self.loop.num_microbatches, extras=self.extras,
+        )  # fmt: skip
 
     def abstract_state(self) -> Any:
         """The train state as sharded ``ShapeDtypeStruct``s (restore target, AOT input)."""
-        return abstract_train_state(self.config, self.optimizer, self.partitioner)
+        return abstract_train_state(self.config, self.optimizer, self.partitioner, self.extras)
 
     def vocabulary(self) -> Any:
         """INITIAL_CHECKPOINT's ``spiece.model``, else the bound vocabulary."""
@@ -100,7 +118,9 @@ class Setup:
         else:
             params = init_params(self.config, jax.random.key(seed))
         rng = jax.random.fold_in(jax.random.key(seed), 1)
-        return create_train_state(self.config, params, self.optimizer, self.partitioner, rng)
+        return create_train_state(
+            self.config, params, self.optimizer, self.partitioner, rng, self.extras
+        )
 
 
 @gin.configurable(module="hir_jax.runner")

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hir_jax import features, losses
+from hir_jax import features, losses, partitioning
 from hir_jax.checkpoints import lazy
 from hir_jax.model.configs import T5Config
 from hir_jax.model.t5 import T5, lm_head, param_shapes
@@ -70,6 +70,37 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: Array
+    # A method's extra trainable parameters (PPO's value head) and a frozen copy of the
+    # policy's parameters (the KL reference); empty unless ``StateExtras`` asks for them.
+    heads: Any = optax.EmptyState()
+    reference: Any = optax.EmptyState()
+
+    def trainable(self) -> Any:
+        """What the optimizer updates: the T5 parameters, with the heads when there are."""
+        return trainable(self.params, self.heads)
+
+
+def trainable(params: Any, heads: Any) -> Any:
+    """The optimizer's tree: ``params`` alone (every method without heads), else both."""
+    return params if not jax.tree.leaves(heads) else {"params": params, "heads": heads}
+
+
+@dataclasses.dataclass(frozen=True)
+class StateExtras:
+    """What a method keeps in the train state beside the T5 parameters.
+
+    ``heads(config, rng)`` initialises extra trainable parameters (replicated; e.g. a
+    value head), updated by the same optimizer; ``reference=True`` keeps a frozen copy
+    of the initial parameters (sharded like them, never updated).
+    """
+
+    heads: Callable[[T5Config, Array], Any] | None = None
+    reference: bool = False
+
+    def head_shapes(self, config: T5Config) -> Any:
+        if self.heads is None:
+            return optax.EmptyState()
+        return jax.eval_shape(functools.partial(self.heads, config), jax.random.key(0))
 
 
 def _key_data(rng: Array) -> Array:
@@ -207,6 +238,13 @@ class LossConfig:
     # released step: NLL and entropy from their own positive pass, then p+ and p-, each
     # with its own dropout mask). Equal without dropout.
     forward_passes: Literal[2, 3] = 2
+    # The released code's optional KL term (``--kl_loss``, off in its run.sh): kl_coef x
+    # KL(reference || policy) summed over the vocabulary and an example's target tokens,
+    # averaged over examples (torch's ``KLDivLoss(reduction="batchmean")`` at the released
+    # batch of 1), both models on the original-instruction input (the sampling prompt +
+    # the moved prefix); the reference is the frozen initial model (the released value:
+    # 0.001). 0: off.
+    kl_coef: float = 0.0
 
     def __post_init__(self) -> None:
         if self.kind not in ("hir", "nll"):
@@ -215,6 +253,8 @@ class LossConfig:
             raise ValueError(f"LossConfig.forward_passes must be 2 or 3, got {self.forward_passes}")
         if self.logits_chunk is not None and self.logits_chunk < 1:
             raise ValueError(f"LossConfig.logits_chunk must be positive, got {self.logits_chunk}")
+        if self.kl_coef < 0:
+            raise ValueError(f"LossConfig.kl_coef must be >= 0, got {self.kl_coef}")
 
     @property
     def needs_negative(self) -> bool:
@@ -383,17 +423,41 @@ def _loss(
     batch: Batch,
     rng: Array | None,
     norms: tuple[Array, Array],
+    reference: Any = None,
 ) -> tuple[Array, Metrics]:
     if loss.forward_passes == 2 or not loss.needs_negative:
         stats = _token_stats(model, loss, params, batch, rng, loss.needs_negative)
-        return _loss_from_stats(loss, stats, batch, norms)
-    # The released step: NLL and entropy from a first positive pass, p+ and p- from a
-    # second positive pass and the negative pass, each with its own dropout mask.
-    first_key, second_key = (None, None) if rng is None else jax.random.split(rng)
-    first = _token_stats(model, loss, params, batch, first_key, False)
-    second = _token_stats(model, loss, params, batch, second_key, True)
-    stats = {**second, **{k: first[k] for k in ("nll", "entropy", "hits")}}
-    return _loss_from_stats(loss, stats, batch, norms)
+    else:
+        # The released step: NLL and entropy from a first positive pass, p+ and p- from a
+        # second positive pass and the negative pass, each with its own dropout mask.
+        first_key, second_key = (None, None) if rng is None else jax.random.split(rng)
+        first = _token_stats(model, loss, params, batch, first_key, False)
+        second = _token_stats(model, loss, params, batch, second_key, True)
+        stats = {**second, **{k: first[k] for k in ("nll", "entropy", "hits")}}
+    value, metrics = _loss_from_stats(loss, stats, batch, norms)
+    if loss.kl_coef:
+        key = None if rng is None else jax.random.fold_in(rng, 3)
+        kl = _reference_kl(model, params, reference, batch, key)
+        value = value + loss.kl_coef * jnp.sum(kl) / jnp.maximum(norms[0], 1.0)
+        metrics = {**metrics, "loss": value, "kl_sum": jnp.sum(kl)}
+        metrics["kl_count"] = jnp.sum(jnp.sum(batch[WEIGHTS], -1) > 0).astype(jnp.float32)
+    return value, metrics
+
+
+def _reference_kl(model: T5, params: Any, reference: Any, batch: Batch, rng: Array | None) -> Array:
+    """Per example ``[B]``: KL(reference || policy) summed over the vocabulary and the
+    target tokens, both on the original-instruction input (policy with dropout when
+    ``rng`` is given, the frozen reference without)."""
+    if reference is None or not jax.tree.leaves(reference):
+        raise ValueError("LossConfig.kl_coef needs the frozen reference in the train state")
+    orig = {**batch, POS: batch[features.ENCODER_ORIG]}
+    policy, _ = _logits(model, params, orig, rng, False)
+    ref, _ = _logits(model, jax.lax.stop_gradient(reference), orig, None, False)
+    log_p = jax.nn.log_softmax(jnp.asarray(policy, jnp.float32), -1)
+    log_r = jax.nn.log_softmax(jnp.asarray(ref, jnp.float32), -1)
+    per_token = jnp.sum(jnp.exp(log_r) * (log_r - log_p), -1)
+    on = jnp.asarray(batch[WEIGHTS], jnp.float32) > 0
+    return jnp.sum(jnp.where(on, per_token, 0.0), -1)
 
 
 def _additive(metrics: Metrics) -> Metrics:
@@ -426,6 +490,7 @@ def compute_gradients(
     loss: LossConfig,
     num_microbatches: int = 1,
     partitioner: Partitioner | None = None,
+    reference: Any = None,
 ) -> tuple[Any, Metrics]:
     """Gradients of the whole-batch loss and the summed (additive) metrics.
 
@@ -440,9 +505,29 @@ def compute_gradients(
     norms = losses.normalisers(batch[WEIGHTS])
 
     def loss_fn(p: Any, mb: Batch, key: Array | None) -> tuple[Array, Metrics]:
-        value, metrics = _loss(model, loss, p, mb, key, norms)
+        value, metrics = _loss(model, loss, p, mb, key, norms, reference)
         return value, _additive(metrics)
 
+    grad_sh = None if partitioner is None else partitioner.param_shardings(model.config)
+    return accumulate_gradients(loss_fn, params, batch, rng, num_microbatches, partitioner, grad_sh)
+
+
+def accumulate_gradients(
+    loss_fn: Callable[[Any, Batch, Array | None], tuple[Array, Metrics]],
+    params: Any,
+    batch: Batch,
+    rng: Array | None,
+    num_microbatches: int = 1,
+    partitioner: Partitioner | None = None,
+    grad_shardings: Any = None,
+) -> tuple[Any, Metrics]:
+    """Gradients of ``loss_fn(params, batch, rng)`` and its additive metrics, summed over
+    ``num_microbatches`` microbatches (``split_microbatches``) in a ``lax.scan``.
+
+    ``loss_fn`` must normalise by the whole batch's counts (computed before the split),
+    so that the sum equals the one-batch gradient; ``rng`` is folded with the microbatch
+    index. ``grad_shardings`` (the parameters') keeps the accumulator sharded.
+    """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if num_microbatches == 1:
         (_, metrics), grads = grad_fn(params, batch, rng)
@@ -464,10 +549,8 @@ def compute_gradients(
     metric_shapes = jax.eval_shape(lambda: loss_fn(params, first, rng)[1])
     zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
     zeros_g = jax.tree.map(jnp.zeros_like, params)
-    if partitioner is not None:
-        zeros_g = jax.lax.with_sharding_constraint(
-            zeros_g, partitioner.param_shardings(model.config)
-        )
+    if grad_shardings is not None:
+        zeros_g = jax.lax.with_sharding_constraint(zeros_g, grad_shardings)
 
     def body(carry: tuple[Any, Metrics], xs: tuple[Batch, Array]) -> tuple[Any, None]:
         g_acc, m_acc = carry
@@ -499,37 +582,63 @@ def _opt_init(optimizer: Optimizer | None, params: Any) -> Any:
 
 
 def train_state_shardings(
-    config: T5Config, optimizer: Optimizer | None, partitioner: Partitioner
+    config: T5Config,
+    optimizer: Optimizer | None,
+    partitioner: Partitioner,
+    extras: StateExtras | None = None,
 ) -> TrainState:
     """A ``TrainState`` of ``NamedSharding``s (jit in/out shardings, orbax restore targets).
 
     ``optimizer=None`` (a method that does not train): no optimizer state at all.
+    ``extras``: the method's heads (replicated) and frozen reference (sharded like the
+    parameters).
     """
+    extras = extras or StateExtras()
     params_sh = partitioner.param_shardings(config)
+    rep = partitioner.replicated
+    head_shapes = extras.head_shapes(config)
+    heads_sh = jax.tree.map(lambda _: rep, head_shapes)
     if optimizer is None:
         opt_sh: Any = optax.EmptyState()
-    else:
+    elif not jax.tree.leaves(head_shapes):
         opt_sh = partitioner.opt_state_shardings(optimizer.tx, config)
-    rep = partitioner.replicated
-    return TrainState(step=rep, params=params_sh, opt_state=opt_sh, rng=rep)
+    else:
+        opt_sh = partitioning.opt_state_shardings(
+            optimizer.tx,
+            trainable(param_shapes(config), head_shapes),
+            trainable(params_sh, heads_sh),
+            partitioner.mesh,
+        )
+    reference_sh = partitioner.param_shardings(config) if extras.reference else optax.EmptyState()
+    return TrainState(
+        step=rep, params=params_sh, opt_state=opt_sh, rng=rep, heads=heads_sh,
+        reference=reference_sh,
+    )  # fmt: skip
 
 
 def abstract_train_state(
-    config: T5Config, optimizer: Optimizer | None, partitioner: Partitioner
+    config: T5Config,
+    optimizer: Optimizer | None,
+    partitioner: Partitioner,
+    extras: StateExtras | None = None,
 ) -> TrainState:
     """``ShapeDtypeStruct``s with shardings for every state leaf (no memory allocated)."""
+    extras = extras or StateExtras()
     shapes = param_shapes(config)
+    head_shapes = extras.head_shapes(config)
 
-    def build(params: Any) -> TrainState:
+    def build(params: Any, heads: Any) -> TrainState:
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
-            opt_state=_opt_init(optimizer, params),
+            opt_state=_opt_init(optimizer, trainable(params, heads)),
             rng=jax.random.key_data(jax.random.key(0)),
+            heads=heads,
+            reference=params if extras.reference else optax.EmptyState(),
         )
 
-    abstract = jax.eval_shape(build, shapes)
-    shardings = train_state_shardings(config, optimizer, partitioner)
+    abstract = jax.eval_shape(build, shapes, head_shapes)
+    shardings = train_state_shardings(config, optimizer, partitioner, extras)
     return jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
@@ -541,6 +650,7 @@ def create_train_state(
     optimizer: Optimizer | None,
     partitioner: Partitioner,
     rng: Array,
+    extras: StateExtras | None = None,
 ) -> TrainState:
     """A sharded ``TrainState`` at step 0: ``params`` placed on the mesh, optimizer state
     initialised directly in its sharded layout.
@@ -551,8 +661,11 @@ def create_train_state(
     leaves (``load_checkpoint(..., lazy=True)``) are read one addressable shard at a
     time. Device arrays are copied, so that the caller's stay valid: train steps donate
     the state (``device_put`` alone may alias a replicated shard to its source buffer).
+    ``extras``: heads initialised from ``fold_in(rng, 1)``; the reference a copy of the
+    parameters.
     """
-    shardings = train_state_shardings(config, optimizer, partitioner)
+    extras = extras or StateExtras()
+    shardings = train_state_shardings(config, optimizer, partitioner, extras)
     on_device = any(isinstance(x, jax.Array) for x in jax.tree.leaves(params))
     params = lazy.place(params, shardings.params)
     dtype = jnp.dtype(config.param_dtype)
@@ -564,14 +677,32 @@ def create_train_state(
             out_shardings=shardings.params,
         )
         params = convert(params)
+    heads: Any = optax.EmptyState()
+    if extras.heads is not None:
+        key = jax.random.fold_in(rng, 1)
+        init_heads = functools.partial(extras.heads, config)
+        heads = jax.jit(init_heads, out_shardings=shardings.heads)(key)
     init = functools.partial(_opt_init, optimizer)
-    opt_state = jax.jit(init, out_shardings=shardings.opt_state)(params)
-    return TrainState(
+    opt_state = jax.jit(init, out_shardings=shardings.opt_state)(trainable(params, heads))
+    state = TrainState(
         step=jax.device_put(np.zeros((), np.int32), shardings.step),
         params=params,
         opt_state=opt_state,
         rng=jax.device_put(_key_data(rng), shardings.rng),
+        heads=heads,
     )
+    return freeze_reference(state) if extras.reference else state
+
+
+@jax.jit
+def _copy_tree(tree: Any) -> Any:
+    return jax.tree.map(jnp.copy, tree)
+
+
+def freeze_reference(state: TrainState) -> TrainState:
+    """``state`` with its reference set to a copy of its current parameters (the policy
+    an RL method starts from, e.g. after a warm-up)."""
+    return state.replace(reference=_copy_tree(state.params))
 
 
 # --------------------------------------------------------------------------- train step
@@ -585,6 +716,7 @@ def make_train_step(
     loss: LossConfig | None = None,
     num_microbatches: int = 1,
     donate: bool = True,
+    extras: StateExtras | None = None,
 ) -> ShardedStep:
     """The jitted train step ``(state, batch) -> (new_state, metrics)``.
 
@@ -602,7 +734,7 @@ def make_train_step(
     if num_microbatches < 1:
         raise ValueError(f"num_microbatches must be >= 1, got {num_microbatches}")
     config = model.config
-    state_sh = train_state_shardings(config, optimizer, partitioner)
+    state_sh = train_state_shardings(config, optimizer, partitioner, extras)
 
     def step_fn(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         with partitioner.context():
@@ -615,22 +747,46 @@ def make_train_step(
                 loss=loss,
                 num_microbatches=num_microbatches,
                 partitioner=partitioner,
+                reference=state.reference,
             )
-            updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            metrics = _finalize(summed)
-            metrics["grad_norm"] = optax.tree.norm(grads)
-            metrics["learning_rate"] = jnp.asarray(optimizer.learning_rate(state.step), jnp.float32)
-            new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-        return new_state, metrics
+            # A state with heads (an RL method's warm-up): the heads get zero gradients.
+            zero_heads = jax.tree.map(jnp.zeros_like, state.heads)
+            return apply_gradients(
+                optimizer, state, trainable(grads, zero_heads), _finalize(summed)
+            )
 
-    jitted = jax.jit(
+    return ShardedStep(jit_step(step_fn, state_sh, partitioner, donate), partitioner, loss)
+
+
+def apply_gradients(
+    optimizer: Optimizer, state: TrainState, grads: Any, metrics: Metrics
+) -> tuple[TrainState, Metrics]:
+    """One optimizer update of ``state.trainable()`` by ``grads`` (the same tree), and
+    ``metrics`` with ``grad_norm`` and ``learning_rate`` (the rate this step applies)."""
+    tree = state.trainable()
+    updates, opt_state = optimizer.tx.update(grads, state.opt_state, tree)
+    tree = optax.apply_updates(tree, updates)
+    if jax.tree.leaves(state.heads):
+        params, heads = tree["params"], tree["heads"]
+    else:
+        params, heads = tree, state.heads
+    metrics = {**metrics, "grad_norm": optax.tree.norm(grads)}
+    metrics["learning_rate"] = jnp.asarray(optimizer.learning_rate(state.step), jnp.float32)
+    new_state = state.replace(step=state.step + 1, params=params, heads=heads, opt_state=opt_state)
+    return new_state, metrics
+
+
+def jit_step(
+    step_fn: Callable, state_sh: TrainState, partitioner: Partitioner, donate: bool
+) -> Any:
+    """``jax.jit`` of a train step: state and batch in their shardings, metrics
+    replicated, the state donated (``donate``)."""
+    return jax.jit(
         step_fn,
         in_shardings=(state_sh, partitioner.batch_sharding),
         out_shardings=(state_sh, partitioner.replicated),
         donate_argnums=(0,) if donate else (),
     )
-    return ShardedStep(jitted, partitioner, loss)
 
 
 class ShardedStep:
@@ -643,13 +799,22 @@ class ShardedStep:
     shapes) and ``jitted`` expose the underlying ``jax.jit`` object.
     """
 
-    def __init__(self, jitted: Any, partitioner: Partitioner, loss: LossConfig) -> None:
+    def __init__(
+        self,
+        jitted: Any,
+        partitioner: Partitioner,
+        loss: LossConfig,
+        keys: Sequence[str] | None = None,
+    ) -> None:
         self.jitted = jitted
         self.partitioner = partitioner
         self.loss = loss
+        self.keys = keys  # the batch entries read (default: what ``loss`` needs)
 
     def _inputs(self, batch: Batch) -> dict[str, Any]:
-        return features.select(batch, self.loss)
+        if self.keys is None:
+            return features.select(batch, self.loss)
+        return features.pick(batch, self.keys)
 
     def __call__(self, first: Any, batch: Batch) -> Any:
         return self.jitted(first, self.partitioner.shard_batch(self._inputs(batch)))

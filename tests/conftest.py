@@ -9,6 +9,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Loop tests build the same jitted steps run after run: a persistent compilation cache
+# (per machine, outside the checkout) compiles each of them once.
+jax.config.update(
+    "jax_compilation_cache_dir", os.path.join(os.path.expanduser("~"), ".cache", "hir_jax_test_xla")
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 import pytest  # noqa: E402
 from synthetic_tasks import write_synthetic_bigbench  # noqa: E402
 

@@ -221,3 +221,27 @@ def test_aot_of_a_farl_run_from_a_t5x_checkpoint_is_the_runs_own_step(
     stats = compiled.memory_analysis()
     assert stats.temp_size_in_bytes == result["train"]["temp_bytes"]
     assert stats.argument_size_in_bytes == result["train"]["argument_bytes"]
+
+
+@pytest.mark.parametrize("name", ["ppo", "grpo"])
+def test_aot_of_the_rl_steps_counts_reference_and_value_head(name):
+    from hir_jax.methods import GRPO, PPO
+
+    config = get_config("tiny", vocab_size=256)
+    method = {"ppo": PPO(), "grpo": GRPO()}[name]
+    r = aot.analyze(
+        config, data=8, model=1, method=method, per_chip_memory="16GiB",
+        optimizer=make_optimizer(), batch=8, input_length=32, target_length=8,
+        max_new_tokens=4,
+    )  # fmt: skip
+    train = r["train"]
+    assert r["method"] == name and r["loss"] == name and r["fits"]
+    n = count_params(param_shapes(config))
+    head = (config.d_model + 1) * 4 if name == "ppo" else 0
+    # model=1: replicated; the frozen reference is a second copy of the fp32 parameters;
+    # AdamW keeps two moments of the parameters and of the value head.
+    assert train["parameter_bytes"] == train["reference_bytes"] == 4 * n
+    assert train["head_bytes"] == head
+    assert train["optimizer_bytes"] >= 2 * (4 * n + head)
+    assert train["state_bytes"] >= 2 * 4 * n + head + train["optimizer_bytes"]
+    assert "reference model" in aot.format_report(r)

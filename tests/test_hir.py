@@ -282,3 +282,25 @@ def test_released_experiment_file_reproduces_the_released_training(capsys, monke
     moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
     assert moments and {x.dtype for x in moments} == {np.dtype("bfloat16")}
     assert spec.config.dtype == "bfloat16"
+
+
+def test_released_kl_term_keeps_a_frozen_reference(tmp_path, vocab):
+    # LossConfig.kl_coef (the released --kl_loss): the train state gains the frozen initial
+    # model, and the KL to it grows from 0 as the policy moves.
+    loop = LoopConfig(
+        eval_initial=False, num_rounds=1, samples_per_query=1, max_new_tokens=3,
+        eval_max_new_tokens=3, epochs=2, batch_size=8, max_train_examples=16,
+        max_test_examples=8,
+    )  # fmt: skip
+    kw = dict(
+        model_config=get_config("tiny", vocab_size=vocab.vocab_size),
+        vocabulary=lambda: vocab,
+        loop=loop,
+        optimizer=make_optimizer(learning_rate=1e-2),
+        loss=LossConfig(kl_coef=0.001),
+    )
+    spec = runner.setup(method=HIR(), partitioner=_one_device(), **kw)
+    assert spec.extras.reference and spec.abstract_state().reference
+    _run_hir(tmp_path, **kw)
+    train = [r for r in metrics_log.read_metrics(tmp_path) if r["split"] == "train"]
+    assert train[-1]["kl"] > 0

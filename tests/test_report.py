@@ -105,6 +105,13 @@ def test_single_seed_caption_globs_and_paper_columns(tmp_path, capsys):
     assert "| Task | No training | HIR | No training (paper) | PPO (paper) |" in out
     assert "| tracking_shuffled_objects (3) | 30.0 | 100.0 | 29.3 | 35.0 | 90.0 | 100.0 |" in out
     assert "| **Average** | 30.0 | 100.0 | 26.8† | 34.7† | 56.1† | 67.3† |" in out
+    # Our PPO and GRPO runs sit beside the paper's PPO column.
+    make_run(tmp_path, "ppo-a", TSO3, "ppo", 0, [0.3, 0.4])
+    make_run(tmp_path, "grpo-a", TSO3, "grpo", 0, [0.3, 0.5])
+    assert report.main([str(tmp_path / "*-a"), "--paper"]) == 0
+    out = capsys.readouterr().out
+    assert "| Task | No training | PPO | GRPO | HIR | No training (paper) | PPO (paper) |" in out
+    assert "| tracking_shuffled_objects (3) | 30.0 | 40.0 | 50.0 | 100.0 | 29.3 | 35.0 |" in out
     # A run_info variant gets its own column.
     table = report.build_table(report.collect_runs([tmp_path])[0])
     assert ("hir", "k4") in table.columns and report.column_label(("hir", "k4")) == "HIR (k4)"

@@ -191,13 +191,15 @@ def test_paper_table_sweep_file(tmp_path):
     spec = sweep.load_sweep("gin_configs/sweeps/paper_table.gin")
     assert spec.grid["TASK"] == paper_task_names()
     trials = sweep.expand(spec, tmp_path)
-    assert len(trials) == 12 * 4 and len({t.model_dir for t in trials}) == 48
+    assert len(trials) == 12 * 6 and len({t.model_dir for t in trials}) == 72
     names = [t.name for t in trials]
-    assert names[:4] == [
+    assert names[:6] == [
         f"{m}-tracking_shuffled_objects_three_objects-seed0"
-        for m in ("zero_shot", "sft", "farl", "hir")
+        for m in ("zero_shot", "ppo", "grpo", "sft", "farl", "hir")
     ]
-    hir = trials[3].command
+    assert trials[1].command[3] == "--gin_file=gin_configs/runs/ppo.gin"
+    assert trials[2].command[3] == "--gin_file=gin_configs/runs/grpo.gin"
+    hir = trials[5].command
     assert hir[1:4] == [
         "run.py",
         "--gin_file=gin_configs/models/flan_t5_large.gin",

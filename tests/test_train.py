@@ -536,3 +536,56 @@ def test_bf16_adamw_matches_torch_and_not_the_fp32_master_result():
     # An fp32 master copy accumulates the small steps that bf16 rounds away.
     assert np.mean(master != reference) > 0.3
     assert np.mean(mine == w.astype(bf16).astype(np.float32)) > 0.9  # mostly stuck, as torch
+
+
+def test_released_kl_term_matches_torch_kldivloss_and_vanishes_at_the_reference(tmp_path):
+    """LossConfig.kl_coef: per example, torch's KLDivLoss(batchmean) at batch 1 of the
+    policy's log-probs against the frozen reference's probs on the original-instruction
+    input (the released ``--kl_loss``); 0 while the policy is the reference."""
+    torch = pytest.importorskip("torch")
+    from hf_reference import V1_1, make_hf_model, save_hf_model
+
+    config, policy = load_hf(save_hf_model(make_hf_model(0, **V1_1), tmp_path / "p"))
+    _, reference = load_hf(save_hf_model(make_hf_model(1, **V1_1), tmp_path / "r"))
+    config = config.replace(dropout_rate=0.0)
+    model = T5(config)
+    batch = hir_batch(0, 160)
+    orig = np.random.default_rng(5).integers(2, 160, batch["encoder_pos_tokens"].shape)
+    orig[:, -3:] = 0
+    batch["encoder_orig_tokens"] = orig.astype(np.int32)
+
+    ours = np.asarray(jax.jit(train._reference_kl, static_argnums=0)(
+        model, policy, reference, batch, None
+    ))  # fmt: skip
+    hf_p, hf_r = make_hf_model(0, **V1_1), make_hf_model(1, **V1_1)
+    kl_div = torch.nn.KLDivLoss(reduction="batchmean")
+    for i, w in enumerate(batch["decoder_loss_weights"]):
+        n = int(w.sum())
+        if n == 0:
+            assert ours[i] == 0.0
+            continue
+        enc = torch.from_numpy(orig[i : i + 1].astype(np.int64))
+        dec = torch.from_numpy(batch["decoder_input_tokens"][i : i + 1, :n].astype(np.int64))
+        with torch.no_grad():
+            logits = [
+                m(input_ids=enc, attention_mask=(enc != 0).long(), decoder_input_ids=dec).logits
+                for m in (hf_p, hf_r)
+            ]
+        expected = kl_div(torch.log_softmax(logits[0], -1), torch.softmax(logits[1], -1))
+        np.testing.assert_allclose(ours[i], float(expected), rtol=2e-4)
+
+    # In the loss: + kl_coef x the mean over examples; exactly 0 at the reference.
+    with_kl = train.LossConfig(kl_coef=0.001)
+    grads = jax.jit(
+        lambda p, r, b, cfg: train.compute_gradients(model, p, b, None, loss=cfg, reference=r),
+        static_argnums=3,
+    )
+    _, base = grads(policy, reference, batch, train.LossConfig())
+    _, kl = grads(policy, reference, batch, with_kl)
+    n_examples = float(np.sum(batch["decoder_loss_weights"].sum(1) > 0))
+    np.testing.assert_allclose(
+        float(kl["loss"]) - float(base["loss"]), 0.001 * ours.sum() / n_examples, rtol=1e-4
+    )
+    _, same = grads(policy, policy, batch, with_kl)
+    assert float(same["kl_sum"]) == 0.0
+    assert float(same["loss"]) == pytest.approx(float(base["loss"]), abs=1e-6)

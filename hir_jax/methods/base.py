@@ -26,21 +26,28 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import numpy as np
 
 from hir_jax import relabel
+from hir_jax.train import StateExtras
 
 if TYPE_CHECKING:
     from hir_jax.data import Example
     from hir_jax.partitioning import Partitioner
     from hir_jax.train import LossConfig, Optimizer
 
+# What ``Method.annotate`` returns: per-item token arrays, the method state for the next
+# round, and metrics of the round.
+Annotations = tuple[list[dict[str, np.ndarray]], dict[str, float], dict[str, float]]
+
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
     """One output: ``query`` indexes the training split, ``output`` its ids (no EOS),
-    ``correct`` the judge's verdict."""
+    ``correct`` the judge's verdict, ``finished`` whether it ended with EOS (not cut at
+    the token limit)."""
 
     query: int
     output: tuple[int, ...]
     correct: bool
+    finished: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,14 +72,44 @@ class Method:
 
     Class attributes: ``name`` (run_info, checkpoints, reports), ``trains`` (False: the
     initial model is evaluated and no optimizer state is kept), ``samples`` (the loop
-    samples from the model each round and calls ``collect``).
+    samples from the model each round and calls ``collect``), ``on_policy`` (the buffer
+    holds only this round's samples, every one of them: no replay, no dedup).
+
+    An RL method also overrides ``state_extras`` (a value head, the frozen reference),
+    ``make_scorer`` and ``annotate``: the loop then scores the round's items once with
+    the train state of the round's start, and ``annotate`` turns those scores into the
+    per-token arrays (advantages, old log-probabilities...) that join every batch of the
+    round (``features.add_token_features``), kept in the loop state so that a resumed
+    round trains on the same values.
     """
 
     name: ClassVar[str]
     trains: ClassVar[bool] = True
     samples: ClassVar[bool] = True
+    on_policy: ClassVar[bool] = False
     # Fraction of the round's items held out for perplexity logging (HIR's 10%).
     holdout_fraction: float = 0.0
+    # Epochs over a round's items (None: LoopConfig.epochs).
+    epochs: int | None = None
+
+    def state_extras(self) -> StateExtras:
+        """What the train state keeps beside the T5 parameters (nothing by default)."""
+        return StateExtras()
+
+    def make_scorer(self, model: Any, partitioner: Partitioner) -> Any:
+        """``(state, batch) -> {name: host [B, L] array}``, run over the round's items
+        before the first update; None (default): no scoring pass."""
+        return None
+
+    def annotate(
+        self,
+        items: Sequence[Sample],
+        scores: Sequence[dict[str, np.ndarray]],
+        method_state: dict[str, float],
+    ) -> Annotations:
+        """Per-item token arrays from the scorer's per-item arrays (each cut to the item's
+        target length), the next method state and the round's metrics (pure)."""
+        raise NotImplementedError
 
     def loss(self, base: LossConfig) -> LossConfig:
         """The loss this method trains with, given the gin-bound ``LossConfig``."""
@@ -97,13 +134,16 @@ class Method:
         partitioner: Partitioner,
         loss: LossConfig,
         num_microbatches: int,
+        extras: StateExtras | None = None,
     ) -> Any:
-        """The jitted train step ``(state, batch) -> (state, metrics)``."""
+        """The jitted train step ``(state, batch) -> (state, metrics)`` over a train state
+        of layout ``extras`` (default: ``state_extras()``)."""
         from hir_jax.train import make_train_step
 
         return make_train_step(
-            model, optimizer, partitioner, loss=loss, num_microbatches=num_microbatches
-        )
+            model, optimizer, partitioner, loss=loss, num_microbatches=num_microbatches,
+            extras=extras or self.state_extras(),
+        )  # fmt: skip
 
 
 class PlainNLL(Method):
