@@ -176,6 +176,7 @@ def make_features(
     max_encoder_len: int,
     max_decoder_len: int,
     on_overflow: Overflow = "error",
+    original: bool = False,
 ) -> dict[str, np.ndarray]:
     """Fixed-shape, zero-padded feature arrays for the train step.
 
@@ -207,7 +208,7 @@ def make_features(
     for i, ex in enumerate(examples):
         pos_ids = encode(prompt(ex.positive, ex.query))
         neg_ids = encode(prompt(ex.negative, ex.query))
-        orig_ids = encode(prompt(CORRECT, ex.query))
+        orig_ids = encode(prompt(CORRECT, ex.query)) if original else []
         prefix = [int(t) for t in ex.prefix]
         longest = max(len(pos_ids), len(neg_ids), len(orig_ids))
         need = longest + len(prefix) + 1
@@ -222,7 +223,8 @@ def make_features(
         prefix = prefix[cut:]
         enc_pos.append(np.asarray(pos_ids + prefix + [EOS_ID], np.int32))
         enc_neg.append(np.asarray(neg_ids + prefix + [EOS_ID], np.int32))
-        enc_orig.append(np.asarray(orig_ids + prefix + [EOS_ID], np.int32))
+        if original:
+            enc_orig.append(np.asarray(orig_ids + prefix + [EOS_ID], np.int32))
         enc_cut.append(cut)
 
         target = np.asarray(ex.target, np.int32)
@@ -241,10 +243,9 @@ def make_features(
     inputs[:, 0] = DECODER_START_ID
     inputs[:, 1:] = targets[:, :-1]
     weights = _pad([np.ones(len(t), np.float32) for t in dec_tgt], max_decoder_len, np.float32)
-    return {
+    out = {
         ENCODER_POS: _pad(enc_pos, max_encoder_len, np.int32),
         ENCODER_NEG: _pad(enc_neg, max_encoder_len, np.int32),
-        ENCODER_ORIG: _pad(enc_orig, max_encoder_len, np.int32),
         DECODER_TARGET: targets,
         DECODER_INPUT: inputs,
         DECODER_WEIGHTS: weights,
@@ -252,6 +253,9 @@ def make_features(
         "encoder_truncated": np.asarray(enc_cut, np.int32),
         "decoder_truncated": np.asarray(dec_cut, np.int32),
     }
+    if original:
+        out[ENCODER_ORIG] = _pad(enc_orig, max_encoder_len, np.int32)
+    return out
 
 
 def batch(
@@ -266,8 +270,9 @@ def batch(
     """One fixed-size train batch for ``loss``: its features only, lengths cut to buckets,
     zero rows up to ``rows``."""
     feats = make_features(
-        examples, tokenize, max_encoder_len=max_encoder_len, max_decoder_len=max_decoder_len
-    )
+        examples, tokenize, max_encoder_len=max_encoder_len, max_decoder_len=max_decoder_len,
+        original=ENCODER_ORIG in required(loss),
+    )  # fmt: skip
     return pad_rows(trim_to_buckets(select(feats, loss)), rows)
 
 

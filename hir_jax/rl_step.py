@@ -106,18 +106,17 @@ def token_outputs(
         rngs={"dropout": rng} if dropout else None,
         method=T5.hidden,
     )
-    log_probs = jax.nn.log_softmax(lm_head(model.config, params, hidden), axis=-1)
-    weights = batch[WEIGHTS]
-    on = jnp.asarray(weights) > 0
-    ids = jnp.where(on, batch[TARGETS], 0).astype(jnp.int32)
-    logp = jnp.take_along_axis(log_probs, ids[..., None], axis=-1)[..., 0]
+    logits = lm_head(model.config, params, hidden)
+    on = jnp.asarray(batch[WEIGHTS]) > 0
+    logp = losses.token_log_likelihood(logits, batch[TARGETS], batch[WEIGHTS])
+    log_probs = jax.nn.log_softmax(logits, axis=-1)  # the same op: XLA computes it once
     entropy = -jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)
     v = values(heads["value"], hidden) if with_values else None
 
     def masked(x: Array) -> Array:
         return jnp.where(on, x, 0.0)
 
-    return TokenOutputs(masked(logp), masked(entropy), None if v is None else masked(v))
+    return TokenOutputs(logp, masked(entropy), None if v is None else masked(v))
 
 
 # --------------------------------------------------------------------------- rollout scorer

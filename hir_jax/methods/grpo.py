@@ -86,11 +86,9 @@ class GRPO(OnPolicy):
     dropout: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.clip < 0 or self.beta < 0:
             raise ValueError(f"GRPO.clip and GRPO.beta must be >= 0, got {self.clip}, {self.beta}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"GRPO.epochs must be >= 1, got {self.epochs}")
-        rewards([], self.reward)
 
     def state_extras(self) -> StateExtras:
         return StateExtras(reference=True)

@@ -113,12 +113,10 @@ class PPO(OnPolicy):
     dropout: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("clip", "value_clip", "kl_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"PPO.{name} must be >= 0, got {getattr(self, name)}")
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"PPO.epochs must be >= 1, got {self.epochs}")
-        rewards([], self.reward)  # validates the name
 
     def state_extras(self) -> StateExtras:
         return StateExtras(heads=value_heads(self.value_head_std), reference=True)

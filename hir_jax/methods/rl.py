@@ -54,6 +54,12 @@ class OnPolicy(Method):
     with_values: ClassVar[bool] = False
     dropout: bool = False
 
+    def __post_init__(self) -> None:
+        """Checks the fields every RL method has (subclasses call it first)."""
+        if self.epochs is not None and self.epochs < 1:
+            raise ValueError(f"{type(self).__name__}.epochs must be >= 1, got {self.epochs}")
+        rewards([], self.reward)  # validates the name
+
     def loss(self, base: LossConfig) -> LossConfig:
         # What the batches are built for (the rollout's tokens under the sampling
         # instruction); the objective itself is the method's.
