@@ -1,6 +1,6 @@
 """Command line: list the BigBench tasks and print formatted examples.
 
-    python -m tasks --list                  # the paper's 12 tasks with their split sizes
+    python -m tasks --list                  # the paper's 12 and the synthetic tasks, sizes
     python -m tasks --list --all            # every BigBench JSON task found
     python -m tasks --show hir_bigbench.logical_deduction_three_objects --index 0 \
         [--split test] [--validation_fraction 0.1] [--bigbench_dir DIR]
@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tasks import bigbench
+from tasks import bigbench, synthetic
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -29,16 +29,25 @@ def _list(args: argparse.Namespace) -> None:
         name = bigbench.TASK_PREFIX + short
         print(f"{name:<52} {sizes['all']:>5} {sizes['train']:>6} {sizes['test']:>5}  {folder}")
     print(f"mixture: {bigbench.TASK_PREFIX}paper_12 (all 12 tasks)")
+    print(f"# synthetic tasks (tasks/synthetic.py) under {synthetic.tasks_dir()}")
+    for short in synthetic.task_names():
+        sizes = bigbench.split_sizes(short, bigbench_dir=synthetic.tasks_dir())
+        name = synthetic.TASK_PREFIX + short
+        print(f"{name:<52} {sizes['all']:>5} {sizes['train']:>6} {sizes['test']:>5}")
 
 
 def _show(args: argparse.Namespace) -> None:
-    root = bigbench.bigbench_tasks_dir(args.bigbench_dir)
+    task = args.show
+    if synthetic.is_synthetic(task):
+        root, task = synthetic.tasks_dir(), synthetic.short_name(task)
+    else:
+        root = bigbench.bigbench_tasks_dir(args.bigbench_dir)
     examples = bigbench.load_examples(
-        args.show, args.split, bigbench_dir=root, validation_fraction=args.validation_fraction
+        task, args.split, bigbench_dir=root, validation_fraction=args.validation_fraction
     )
     if not -len(examples) <= args.index < len(examples):
         raise IndexError(
-            f"--index {args.index} out of range: the {args.split} split of {args.show} "
+            f"--index {args.index} out of range: the {args.split} split of {task} "
             f"has {len(examples)} examples"
         )
     ex = examples[args.index]

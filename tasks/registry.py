@@ -22,7 +22,7 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
-from tasks import bigbench, metrics, vocab
+from tasks import bigbench, metrics, synthetic, vocab
 
 MIXTURE_NAME = bigbench.TASK_PREFIX + "paper_12"
 
@@ -126,8 +126,12 @@ def register_paper_tasks(
 
 
 def get_task(name: str, vocabulary: seqio.Vocabulary | None = None) -> seqio.Task:
-    """The registered task ``name``, registering it first (any BigBench JSON task) when
-    needed. An unknown name raises ``bigbench.UnknownTaskError`` with close matches."""
+    """The registered task ``name``, registering it first (any BigBench JSON task, or a
+    ``hir_synthetic.`` task of ``tasks.synthetic``) when needed. An unknown name raises
+    ``bigbench.UnknownTaskError`` with close matches (``synthetic.UnknownSyntheticTaskError``
+    listing the family for an unknown ``hir_synthetic.`` name)."""
     if vocabulary is None and name in seqio.TaskRegistry.names():
         return seqio.TaskRegistry.get(name)
+    if synthetic.is_synthetic(name):
+        return synthetic.register(name, vocabulary)
     return register_bigbench_task(name, vocabulary=vocabulary)

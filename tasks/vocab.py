@@ -23,10 +23,10 @@ from etils import epath
 
 from hir_jax.special_ids import EOS_ID, PAD_ID, UNK_ID
 from tasks import bigbench
+from tasks.cache import CACHE_ENV_VAR, cache_dir  # noqa: F401  (re-exported)
 
 DEFAULT_VOCAB_SIZE = 2048
 T5_EXTRA_IDS = 100
-CACHE_ENV_VAR = "HIR_JAX_CACHE"
 SPIECE_NAMES = ("spiece.model", "sentencepiece.model")
 
 # Bump when the training options below change, so stale cached models are not reused.
@@ -48,14 +48,6 @@ _TRAINER_OPTIONS = dict(
     max_sentence_length=1 << 20,
     minloglevel=2,
 )
-
-
-def cache_dir(path: str | os.PathLike[str] | None = None) -> epath.Path:
-    """``path``, else ``$HIR_JAX_CACHE``, else ``~/.cache/hir_jax``."""
-    if path is not None:
-        return epath.Path(path)
-    env = os.environ.get(CACHE_ENV_VAR)
-    return epath.Path(env) if env else epath.Path("~/.cache/hir_jax").expanduser()
 
 
 def _has_extra_ids(model_proto: bytes) -> bool:
