@@ -38,6 +38,7 @@ from etils import epath
 from hir_jax import metrics_log
 from hir_jax.paths import PathLike, as_path
 from tasks.bigbench import PAPER_TASKS, TASK_PREFIX
+from tasks.synthetic import TASK_PREFIX as SYNTHETIC_PREFIX
 
 METHOD_ORDER = ("zero_shot", "ppo", "grpo", "sft", "farl", "hir")
 METHOD_NAMES = {
@@ -296,17 +297,18 @@ def collect_runs(
 
 
 def short_task(task: str) -> str:
-    """The task name without the ``hir_bigbench.`` prefix."""
-    return task.removeprefix(TASK_PREFIX)
+    """The task name without the ``hir_bigbench.`` (or ``hir_synthetic.``) prefix."""
+    return task.removeprefix(TASK_PREFIX).removeprefix(SYNTHETIC_PREFIX)
 
 
 def task_label(task: str) -> str:
-    """Row label: ``tracking_shuffled_objects (3)`` for the paper's object-count tasks."""
+    """Row label: ``tracking_shuffled_objects (3)`` for the paper's object-count tasks
+    (``color_pick (3)`` for the synthetic ones)."""
     short = short_task(task)
     for word, number in (("three", 3), ("five", 5), ("seven", 7)):
-        suffix = f"_{word}_objects"
-        if short.endswith(suffix):
-            return f"{short.removesuffix(suffix)} ({number})"
+        for suffix in (f"_{word}_objects", f"_{word}"):
+            if short.endswith(suffix):
+                return f"{short.removesuffix(suffix)} ({number})"
     return short
 
 
@@ -317,10 +319,16 @@ def column_label(column: Column) -> str:
     return f"{name} ({variant})" if variant else name
 
 
-def _task_order(task: str) -> tuple[int, str]:
+def _task_order(task: str) -> tuple[int, str, int]:
     short = short_task(task)
     paper = list(PAPER_TASKS)
-    return (paper.index(short), "") if short in paper else (len(paper), short)
+    if short in paper:
+        return paper.index(short), "", 0
+    label = task_label(task)  # "color_pick (5)": by name, then by level
+    base, _, level = label.rpartition(" (")
+    if base and level.endswith(")") and level[:-1].isdigit():
+        return len(paper), base, int(level[:-1])
+    return len(paper), short, 0
 
 
 def _column_order(column: Column) -> tuple[int, str, str]:

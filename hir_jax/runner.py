@@ -197,12 +197,14 @@ def run(
     seed: int = 0,
     judge: feedback.Judge = feedback.exact_match,
     spec: Setup | None = None,
+    variant: str | None = None,
 ) -> dict[str, Any]:
     """Runs (or resumes) one experiment into ``model_dir``; returns the final test metrics.
 
     ``task``: a SeqIO task or mixture name (``hir_jax.data``). ``judge``: is an output
     correct, ``(output_text, target_text) -> bool``. ``spec``: the set-up (default:
-    ``setup()`` as gin binds it).
+    ``setup()`` as gin binds it). ``variant``: a label for the report, which shows the run
+    in its own column ("HIR (no_entropy)") instead of averaging it with the method's.
     """
     spec = spec if spec is not None else setup()
     cfg = spec.loop
@@ -238,6 +240,10 @@ def run(
                 model_dir, task=task_data.name, method=spec.method.name, seed=seed,
                 model=spec.model_name, initial_checkpoint=spec.initial_checkpoint or "",
                 tasks=list(task_data.tasks), loss=dataclasses.asdict(spec.loss),
+                num_train=len(task_data.train),
+                samples_per_round=len(task_data.train) * cfg.samples_per_query
+                if spec.method.samples else 0,
+                **({"variant": variant} if variant else {}),
             )  # fmt: skip
         latest = checkpointer.latest()
         if latest is None:

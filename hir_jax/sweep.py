@@ -492,6 +492,22 @@ def run_sweep(
     (then the failures are in the result). The table is built either way.
     """
     trials = select_trials(expand(spec, root_dir), only)
+    return run_trials(
+        trials, root_dir, continue_on_error=continue_on_error, make_report=make_report,
+        runner=runner,
+    )  # fmt: skip
+
+
+def run_trials(
+    trials: Sequence[Trial],
+    root_dir: PathLike,
+    *,
+    continue_on_error: bool = False,
+    make_report: bool = True,
+    runner: Callable[..., subprocess.CompletedProcess] = subprocess.run,
+) -> SweepResult:
+    """``run_sweep`` over given trials (e.g. ``expand``'s, with per-trial bindings added):
+    each unfinished one runs as ``runner(command, cwd=REPO_ROOT, check=False)``."""
     root = as_path(_root_text(root_dir))
     root.mkdir(parents=True, exist_ok=True)
     (root / TRIALS_FILE).write_text(
