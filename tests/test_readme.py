@@ -36,6 +36,7 @@ def _env() -> dict[str, str]:
 
 RUN_COMMANDS = [c for c in _commands() if c.startswith("python run.py")]
 MODULE_COMMANDS = sorted({c for c in _commands() if c.startswith("python -m ")})
+BENCH_COMMANDS = sorted({c for c in _commands() if c.startswith("python bench/")})
 
 
 def test_readme_has_the_commands_we_check():
@@ -54,20 +55,36 @@ def test_run_commands_parse(command):
     assert "MODEL_DIR = " in proc.stdout
 
 
-def test_module_commands_exist_and_accept_their_flags():
-    by_module: dict[str, set[str]] = {}
-    for command in MODULE_COMMANDS:
+def _flags_by_program(commands: list[str], program_words: int) -> dict[tuple[str, ...], set[str]]:
+    """``{program argv: flags the README gives it}``; the program is the first
+    ``program_words`` words after ``python``."""
+    out: dict[tuple[str, ...], set[str]] = {}
+    for command in commands:
         words = shlex.split(command.replace("...", ""))
-        flags = {w.split("=")[0] for w in words[3:] if w.startswith("--")}
-        by_module.setdefault(words[2], set()).update(flags)
-    for module, flags in sorted(by_module.items()):
+        program = tuple(words[1 : 1 + program_words])
+        flags = {w.split("=")[0] for w in words[1 + program_words :] if w.startswith("--")}
+        out.setdefault(program, set()).update(flags)
+    return out
+
+
+def _check_flags(by_program: dict[tuple[str, ...], set[str]]) -> None:
+    for program, flags in sorted(by_program.items()):
         proc = subprocess.run(
-            [sys.executable, "-m", module, "--help"],
+            [sys.executable, *program, "--help"],
             cwd=REPO,
             env=_env(),
             capture_output=True,
             text=True,
         )
-        assert proc.returncode == 0, (module, proc.stderr[-2000:])
+        assert proc.returncode == 0, (program, proc.stderr[-2000:])
         for flag in flags:
-            assert flag in proc.stdout, (module, flag)
+            assert flag in proc.stdout, (program, flag)
+
+
+def test_module_commands_exist_and_accept_their_flags():
+    _check_flags(_flags_by_program(MODULE_COMMANDS, 2))
+
+
+def test_bench_commands_exist_and_accept_their_flags():
+    assert any(c.startswith("python bench/mini_study.py") for c in BENCH_COMMANDS)
+    _check_flags(_flags_by_program(BENCH_COMMANDS, 1))
