@@ -36,10 +36,10 @@ import gin
 import jax
 import numpy as np
 
-from hir_jax import decoding, features, feedback, metrics_log
+from hir_jax import decoding, features, feedback, metrics_log, settings
 from hir_jax.checkpoints.state import StateCheckpointer, checkpoint_id
 from hir_jax.data import Example, TaskData, TextCodec
-from hir_jax.epochs import train_epochs
+from hir_jax.epochs import check_finite, train_epochs
 from hir_jax.generation import generate_split
 from hir_jax.loop_state import LoopState, ReplayBuffer
 from hir_jax.methods.base import ExampleContext, Method, Sample, gold_answers, gold_example
@@ -74,12 +74,12 @@ class LoopConfig:
     ``"run"`` drops a (question, output) pair seen in any earlier round.
     """
 
-    num_rounds: int = 31
+    num_rounds: int = 31  # 0: round 0 only (the warm-up and/or the initial evaluation)
     eval_initial: bool = True
     # Online sampling (reference: T=1, top-k 50, top-p 1, 256 new tokens; K=1 released, 4 paper).
     samples_per_query: int = 1
     temperature: float = 1.0
-    top_k: int = 50
+    top_k: int = 50  # 0: off; temperature 0: greedy
     top_p: float = 1.0
     max_new_tokens: int = 256
     sample_batch_size: int = 64
@@ -92,7 +92,7 @@ class LoopConfig:
     # Optional SFT warm-up before round 0 on another task's gold answers (e.g. so that a
     # random model learns the "(A)" answer format before HIR on the target task).
     warmup_task: str | None = None
-    warmup_epochs: int = 0
+    warmup_epochs: int = 0  # 0: no warm-up
     # Evaluation.
     eval_max_new_tokens: int = 256
     eval_batch_size: int = 64
@@ -104,25 +104,49 @@ class LoopConfig:
     max_train_examples: int | None = None
     max_test_examples: int | None = None
     # Checkpoints.
-    checkpoint_every_steps: int = 0
+    checkpoint_every_steps: int = 0  # 0: at the end of each round (and at SIGTERM) only
     keep_checkpoints: int = 2
 
     def __post_init__(self) -> None:
-        if self.dedup not in ("call", "run"):
-            raise ValueError(f"LoopConfig.dedup must be 'call' or 'run', got {self.dedup!r}")
-        if self.batch_size % self.num_microbatches:
-            raise ValueError(
-                f"batch_size {self.batch_size} is not a multiple of "
-                f"num_microbatches {self.num_microbatches}"
-            )
+        S = settings
+        S.check(
+            "hir_jax.loop.LoopConfig", self,
+            num_rounds=S.COUNT, samples_per_query=S.POSITIVE_INT, temperature=S.NON_NEGATIVE,
+            top_k=S.COUNT, top_p=S.interval(0.0, 1.0, open_low=True),
+            max_new_tokens=S.POSITIVE_INT, sample_batch_size=S.POSITIVE_INT,
+            epochs=S.POSITIVE_INT, batch_size=S.POSITIVE_INT, num_microbatches=S.POSITIVE_INT,
+            buffer_cap_factor=S.POSITIVE, dedup=S.one_of("call", "run"),
+            warmup_epochs=S.COUNT, eval_max_new_tokens=S.POSITIVE_INT,
+            eval_batch_size=S.POSITIVE_INT, max_input_length=S.POSITIVE_INT,
+            max_train_examples=S.POSITIVE_INT.or_none(),
+            max_test_examples=S.POSITIVE_INT.or_none(),
+            checkpoint_every_steps=S.COUNT, keep_checkpoints=S.POSITIVE_INT,
+        )  # fmt: skip
+        S.require(
+            self.batch_size % self.num_microbatches == 0,
+            "hir_jax.loop.LoopConfig", "batch_size", self.batch_size,
+            f"a multiple of num_microbatches ({self.num_microbatches})",
+        )  # fmt: skip
+
+    def check_mesh(self, data_size: int) -> None:
+        """Each microbatch's rows must split evenly over the mesh's data axis."""
+        rows = self.num_microbatches * data_size
+        settings.require(
+            self.batch_size % rows == 0,
+            "hir_jax.loop.LoopConfig", "batch_size", self.batch_size,
+            f"a multiple of num_microbatches x the data-parallel size ({self.num_microbatches} "
+            f"x {data_size} = {rows})",
+        )  # fmt: skip
 
     @property
     def warms_up(self) -> bool:
         return bool(self.warmup_task and self.warmup_epochs)
 
     def sampling(self) -> decoding.SamplingConfig:
+        """The round's sampling (``temperature=0``: greedy, K equal outputs)."""
         return decoding.SamplingConfig(
-            temperature=self.temperature,
+            greedy=self.temperature == 0,
+            temperature=self.temperature or 1.0,
             top_k=self.top_k,
             top_p=self.top_p,
             num_samples=self.samples_per_query,
@@ -214,6 +238,8 @@ class Loop:
         ckpt = checkpoint_id(self.progress.round, self.progress.step_in_round)
         if self.checkpointer.latest() == ckpt:
             return  # e.g. preempted while sampling: the round's start is saved already
+        r, s = self.progress.round, self.progress.step_in_round
+        check_finite(self.state, f"before the checkpoint of round {r}, step {s}")
         self.checkpointer.save(ckpt, self.state, {**self.progress.to_json(), **self.identity})
 
     def _check(self, preemption: Preemption) -> None:
@@ -297,13 +323,14 @@ class Loop:
 
     def _train(
         self, step_fn: Any, items: np.ndarray, epochs: int, stream: int, make_batch: Any,
-        preemption: Preemption, desc: str,
+        preemption: Preemption, desc: str, supervised: bool = True,
     ) -> dict[str, float]:  # fmt: skip
         self.state, out = train_epochs(
             self.state, step_fn, items, epochs=epochs, batch_size=self.config.batch_size,
             seed_path=[self.seed, self.progress.round, stream], make_batch=make_batch,
             progress=self.progress, checkpoint_every=self.config.checkpoint_every_steps,
             save=self.save, should_stop=preemption.should_stop, desc=desc,
+            supervised=supervised,
         )  # fmt: skip
         return out
 
@@ -332,7 +359,7 @@ class Loop:
         epochs = self.config.epochs if self.method.epochs is None else self.method.epochs
         out = self._train(
             self.train_step, chosen, epochs, _TRAIN, make_train_batch, preemption,
-            f"train r{self.progress.round}",
+            f"train r{self.progress.round}", supervised=self.scorer is None,
         )  # fmt: skip
         out.update(round_metrics)
         if len(holdout):

@@ -39,7 +39,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from hir_jax import features, losses, partitioning
+from hir_jax import features, losses, partitioning, settings
 from hir_jax.checkpoints import lazy
 from hir_jax.model.configs import T5Config
 from hir_jax.model.t5 import T5, lm_head, param_shapes
@@ -186,6 +186,14 @@ def make_optimizer(
     RMSNorm scales from weight decay like the released code. Adafactor uses T5X's
     settings (decay rate 0.8, update clipping 1.0, parameter-scaled updates).
     """
+    S = settings
+    S.check(
+        "hir_jax.train.make_optimizer", locals(),
+        name=S.one_of("adamw", "adafactor"), learning_rate=S.POSITIVE, warmup_steps=S.COUNT,
+        total_steps=S.POSITIVE_INT.or_none(), weight_decay=S.NON_NEGATIVE,
+        b1=S.FRACTION, b2=S.FRACTION, eps=S.NON_NEGATIVE,
+        max_grad_norm=S.NON_NEGATIVE.or_none(),
+    )  # fmt: skip
     lr = make_schedule(learning_rate, schedule, warmup_steps, total_steps)
     if name == "adamw":
         tx = optax.adamw(
@@ -247,14 +255,16 @@ class LossConfig:
     kl_coef: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.kind not in ("hir", "nll"):
-            raise ValueError(f"LossConfig.kind must be 'hir' or 'nll', got {self.kind!r}")
-        if self.forward_passes not in (2, 3):
-            raise ValueError(f"LossConfig.forward_passes must be 2 or 3, got {self.forward_passes}")
-        if self.logits_chunk is not None and self.logits_chunk < 1:
-            raise ValueError(f"LossConfig.logits_chunk must be positive, got {self.logits_chunk}")
-        if self.kl_coef < 0:
-            raise ValueError(f"LossConfig.kl_coef must be >= 0, got {self.kl_coef}")
+        S = settings
+        S.check(
+            "hir_jax.train.LossConfig", self,
+            kind=S.one_of("hir", "nll"), label_smoothing=S.FRACTION,
+            contrastive=S.one_of("binary", "in_batch", "none"), contrastive_eps=S.NON_NEGATIVE,
+            contrastive_log_eps=S.NON_NEGATIVE, alpha=S.NON_NEGATIVE, beta=S.NON_NEGATIVE,
+            normalisation=S.one_of("example", "token"), in_batch_score=S.one_of("mean", "sum"),
+            logits_chunk=S.POSITIVE_INT.or_none(), forward_passes=S.one_of(2, 3),
+            kl_coef=S.NON_NEGATIVE,
+        )  # fmt: skip
 
     @property
     def needs_negative(self) -> bool:

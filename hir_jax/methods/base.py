@@ -92,6 +92,11 @@ class Method:
     # Epochs over a round's items (None: LoopConfig.epochs).
     epochs: int | None = None
 
+    @classmethod
+    def gin_name(cls) -> str:
+        """The name its settings are bound under (``hir_jax.methods.HIR``)."""
+        return f"hir_jax.methods.{cls.__name__}"
+
     def state_extras(self) -> StateExtras:
         """What the train state keeps beside the T5 parameters (nothing by default)."""
         return StateExtras()

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hir_jax import advantages, features, rl_losses
+from hir_jax import advantages, features, rl_losses, settings
 from hir_jax.methods.base import Annotations, Sample
 from hir_jax.methods.rl import OnPolicy, Reward, rewards
 from hir_jax.rl_step import TokenOutputs, additive
@@ -87,8 +87,8 @@ class GRPO(OnPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.clip < 0 or self.beta < 0:
-            raise ValueError(f"GRPO.clip and GRPO.beta must be >= 0, got {self.clip}, {self.beta}")
+        S = settings
+        S.check(self.gin_name(), self, clip=S.NON_NEGATIVE, beta=S.NON_NEGATIVE, eps=S.POSITIVE)
 
     def state_extras(self) -> StateExtras:
         return StateExtras(reference=True)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 import gin
 
-from hir_jax import relabel
+from hir_jax import relabel, settings
 from hir_jax.methods.base import ExampleContext, Method, Sample
 
 if TYPE_CHECKING:
@@ -37,15 +37,11 @@ class HIR(Method):
     span_tokens: Literal["ids", "text"] = "ids"
 
     def __post_init__(self) -> None:
-        if self.relabel_instruction not in ("released", "paper"):
-            raise ValueError(
-                "HIR.relabel_instruction must be 'released' or 'paper', "
-                f"got {self.relabel_instruction!r}"
-            )
-        if self.span_tokens not in ("ids", "text"):
-            raise ValueError(f"HIR.span_tokens must be 'ids' or 'text', got {self.span_tokens!r}")
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ValueError(f"HIR.holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+        settings.check(
+            self.gin_name(), self,
+            relabel_instruction=settings.one_of("released", "paper"),
+            span_tokens=settings.one_of("ids", "text"), holdout_fraction=settings.FRACTION,
+        )  # fmt: skip
 
     def loss(self, base: LossConfig) -> LossConfig:
         return dataclasses.replace(base, kind="hir")

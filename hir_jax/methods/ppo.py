@@ -31,7 +31,7 @@ import gin
 import jax
 import jax.numpy as jnp
 
-from hir_jax import advantages, features, rl_losses
+from hir_jax import advantages, features, rl_losses, settings
 from hir_jax.methods.base import Annotations, Sample
 from hir_jax.methods.rl import OnPolicy, Reward, padded, rewards, unpad
 from hir_jax.rl_step import TokenOutputs, additive, value_heads
@@ -114,9 +114,14 @@ class PPO(OnPolicy):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("clip", "value_clip", "kl_coef"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"PPO.{name} must be >= 0, got {getattr(self, name)}")
+        S = settings
+        S.check(
+            self.gin_name(), self,
+            clip=S.NON_NEGATIVE, value_clip=S.NON_NEGATIVE, value_coef=S.NON_NEGATIVE,
+            entropy_coef=S.NON_NEGATIVE, gamma=S.PROBABILITY, lam=S.PROBABILITY,
+            kl_coef=S.NON_NEGATIVE, kl_target=S.POSITIVE.or_none(),
+            kl_horizon=S.POSITIVE_INT, value_head_std=S.NON_NEGATIVE,
+        )  # fmt: skip
 
     def state_extras(self) -> StateExtras:
         return StateExtras(heads=value_heads(self.value_head_std), reference=True)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
-from hir_jax import relabel
+from hir_jax import relabel, settings
 from hir_jax.methods.base import ExampleContext, Method, Sample, gold_example
 from hir_jax.rl_step import Objective, make_rl_step, make_rollout_scorer
 
@@ -56,9 +56,10 @@ class OnPolicy(Method):
 
     def __post_init__(self) -> None:
         """Checks the fields every RL method has (subclasses call it first)."""
-        if self.epochs is not None and self.epochs < 1:
-            raise ValueError(f"{type(self).__name__}.epochs must be >= 1, got {self.epochs}")
-        rewards([], self.reward)  # validates the name
+        settings.check(
+            self.gin_name(), self, epochs=settings.POSITIVE_INT.or_none(),
+            reward=settings.one_of("judge", "constant"),
+        )  # fmt: skip
 
     def loss(self, base: LossConfig) -> LossConfig:
         # What the batches are built for (the rollout's tokens under the sampling
