@@ -8,8 +8,10 @@
 ``--gin_file`` (repeatable) is looked up as given, then under ``gin_configs/``;
 ``--gin.NAME=VALUE`` (repeatable) binds a parameter or macro. The resolved config goes
 to MODEL_DIR/config.gin. Re-running the same command resumes from MODEL_DIR. Bad input
-(a missing REQUIRED macro, an unknown binding or task, a checkpoint of the wrong shape)
-exits with status 2 and a one-line message.
+(a missing REQUIRED macro, an unknown binding or task, a setting out of range, a
+checkpoint of the wrong shape, a MODEL_DIR that cannot be written) exits with status 2
+and a one-line message; a run whose training diverges (a non-finite loss, gradient norm
+or parameter) exits with status 3, its latest checkpoint the last finite one.
 
 Multi-host: run the same command on every host with ``--multihost`` (TPU VM slices,
 SLURM, Open MPI), or with ``--coordinator_address/--num_processes/--process_id``.
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import gin
 
+    from hir_jax.epochs import Diverged
     from hir_jax.preemption import Preempted
     from hir_jax.runner import run
 
@@ -86,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     except Preempted:
         print("preempted: state saved; run the same command again to resume", file=sys.stderr)
         return 0
+    except Diverged as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -51,3 +51,23 @@ def kvstore_spec(path: PathLike) -> dict[str, Any]:
     if match:
         return {"driver": "gcs", "bucket": match.group(1), "path": match.group(2)}
     return {"driver": "file", "path": os.path.abspath(os.path.expanduser(text))}
+
+
+class UnwritableDirError(OSError):
+    """A directory a run must write to cannot be created or written."""
+
+
+def ensure_writable_dir(path: PathLike, what: str) -> epath.Path:
+    """Creates ``path`` (with its parents) and checks that a file can be written in it;
+    otherwise raises ``UnwritableDirError`` naming ``what`` (``MODEL_DIR``), the path and
+    the OS's reason."""
+    directory = as_path(path)
+    probe = directory / f".write_probe_{os.getpid()}_{os.urandom(4).hex()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except Exception as exc:  # OSError locally; the GCS client's own errors for gs://
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise UnwritableDirError(f"{what} {path} cannot be created or written: {reason}") from exc
+    return directory

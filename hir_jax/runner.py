@@ -6,10 +6,11 @@ the loop settings, the model config (a gin model file, or the config of an HF or
 a method that does not train), the loss the method trains with and the mesh. ``Setup``
 builds the method's jitted train step; the AOT check compiles exactly that step.
 
-``run()`` then reads the task (SeqIO, ``hir_jax.data``) before any model is built,
-restores in T5X's order (the latest checkpoint in MODEL_DIR, then INITIAL_CHECKPOINT,
-then a fresh initialisation from the seed; a resumed run reads only INITIAL_CHECKPOINT's
-config) and hands the train state and loop state to ``loop.Loop``.
+``run()`` first makes sure MODEL_DIR can be written and the settings are in range, then
+reads the task (SeqIO, ``hir_jax.data``) before any model is built, restores in T5X's
+order (the newest intact checkpoint in MODEL_DIR, damaged ones moved aside, then
+INITIAL_CHECKPOINT, then a fresh initialisation from the seed; a resumed run reads only
+INITIAL_CHECKPOINT's config) and hands the train state and loop state to ``loop.Loop``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from hir_jax.methods import HIR, Method
 from hir_jax.model.configs import EOS_ID, T5Config
 from hir_jax.model.t5 import T5, init_params
 from hir_jax.partitioning import Partitioner, make_partitioner
-from hir_jax.paths import as_path
+from hir_jax.paths import as_path, ensure_writable_dir
 from hir_jax.preemption import Preemption
 from hir_jax.train import (
     LossConfig,
@@ -151,6 +152,9 @@ def setup(
             f"method {method.name!r} trains nothing, so it cannot warm up: unset "
             "LoopConfig.warmup_task"
         )
+    partitioner = partitioner or make_partitioner()
+    if method.trains:
+        loop.check_mesh(partitioner.data_size)
     config = load_config(initial_checkpoint, model_config) if initial_checkpoint else model_config
     base_loss = loss or LossConfig()
     return Setup(
@@ -163,7 +167,7 @@ def setup(
         optimizer=(optimizer or make_optimizer()) if method.trains else None,
         base_loss=base_loss,
         loss=method.loss(base_loss),
-        partitioner=partitioner or make_partitioner(),
+        partitioner=partitioner,
     )
 
 
@@ -171,14 +175,8 @@ def _split(examples: Any, codec: data_lib.TextCodec, max_length: int, name: str)
     return Split(examples, data_lib.prompt_ids(examples, codec.encode, EOS_ID, max_length, name))
 
 
-def _restore(
-    checkpointer: StateCheckpointer,
-    latest: int,
-    spec: Setup,
-    identity: dict[str, Any],
-    model_dir: str,
-) -> tuple[Any, LoopState]:
-    saved = checkpointer.restore_loop(latest)
+def _check_same_run(saved: dict[str, Any], identity: dict[str, Any], model_dir: str) -> None:
+    """Refuses a checkpoint of another model shape, task or method."""
     check_same_shape(saved["model_shape"], identity["model_shape"], f"MODEL_DIR {model_dir}")
     for key in ("task", "method"):
         if saved[key] != identity[key]:
@@ -186,8 +184,6 @@ def _restore(
                 f"MODEL_DIR {model_dir} holds a {key}={saved[key]!r} run, "
                 f"not {identity[key]!r}; use a new MODEL_DIR"
             )
-    state = checkpointer.restore_state(latest, spec.abstract_state())
-    return state, LoopState.from_json(saved)
 
 
 @gin.configurable(module="hir_jax.runner")
@@ -206,6 +202,7 @@ def run(
     ``setup()`` as gin binds it). ``variant``: a label for the report, which shows the run
     in its own column ("HIR (no_entropy)") instead of averaging it with the method's.
     """
+    ensure_writable_dir(model_dir, "MODEL_DIR")  # first: before settings, task or model
     spec = spec if spec is not None else setup()
     cfg = spec.loop
     chief = jax.process_index() == 0
@@ -245,12 +242,15 @@ def run(
                 if spec.method.samples else 0,
                 **({"variant": variant} if variant else {}),
             )  # fmt: skip
-        latest = checkpointer.latest()
-        if latest is None:
+        restored = checkpointer.restore_newest(
+            spec.abstract_state(), lambda saved: _check_same_run(saved, identity, model_dir)
+        )
+        if restored is None:
             state, progress = spec.initial_state(seed), LoopState()
             writer.reset()
         else:
-            state, progress = _restore(checkpointer, latest, spec, identity, model_dir)
+            latest, saved, state = restored
+            progress = LoopState.from_json(saved)
             # Lines of rounds not yet finished are written again when they finish.
             writer.truncate_after(progress.round - 1)
             metrics_log.console(
