@@ -3,8 +3,9 @@
 ``pip install --no-deps bigbench==1.0.0`` fails: the sdist declares a direct-URL
 dependency (bleurt) that pip rejects while preparing metadata, even with --no-deps.
 Only the package's ``benchmark_tasks/**/task.json`` files are used here, so this
-downloads the sdist from the package index pip uses, checks its sha256 against the
-index, and extracts just those files to ``default_dir()``.
+downloads the sdist from the package index pip uses (``index_urls``: ``PIP_INDEX_URL``,
+pip's configuration or pip's default, then the extra indexes), checks its sha256 against
+the index, and extracts just those files to ``default_dir()``. Offline, ``--sdist FILE``.
 
     python -m tasks.install_bigbench [--sdist bigbench-1.0.0.tar.gz] [--dest DIR]
 """
@@ -15,6 +16,8 @@ import argparse
 import hashlib
 import html.parser
 import os
+import re
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -49,30 +52,101 @@ class _Links(html.parser.HTMLParser):
             self.hrefs += [v for k, v in attrs if k == "href" and v]
 
 
-def _index_url() -> str:
-    return os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+class IndexUnreachableError(RuntimeError):
+    """No index pip is configured with lists the sdist (or none could be reached)."""
 
 
-def _find_sdist_url() -> tuple[str, str]:
-    page_url = f"{_index_url()}/bigbench/"
-    with urllib.request.urlopen(page_url, timeout=60) as resp:
-        parser = _Links()
-        parser.feed(resp.read().decode())
-    for href in parser.hrefs:
-        url = urllib.parse.urljoin(page_url, href)
-        path, _, fragment = url.partition("#")
-        if path.endswith("/" + SDIST) and fragment.startswith("sha256="):
-            return path, fragment.removeprefix("sha256=")
-    raise RuntimeError(f"{SDIST} with a sha256 not listed at {page_url}")
+def _pip(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", *args], capture_output=True, text=True, check=False
+    )
+    return proc.stdout
 
 
-def _download(url: str, sha256: str, out_path: str) -> None:
+def _pip_config() -> dict[str, str]:
+    """``pip config list`` as ``{key: value}`` (``global.index-url``, ...)."""
+    out = {}
+    for line in _pip("config", "list").splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            out[key.strip()] = value.strip().strip("'\"")
+    return out
+
+
+def _pip_default_index() -> str:
+    """pip's built-in index, as ``pip install --help`` states it."""
+    text = " ".join(_pip("install", "--help").split())
+    match = re.search(r"--index-url <url> .*?\(default (\S+?)\)", text)
+    if not match:
+        raise IndexUnreachableError(
+            "cannot tell which package index pip uses (set PIP_INDEX_URL, or pass --sdist FILE)"
+        )
+    return match.group(1)
+
+
+def index_urls() -> list[str]:
+    """The indexes pip would read, in its order: the index (``PIP_INDEX_URL``, else
+    ``index-url`` in pip's configuration, else pip's default) and the extra indexes
+    (``PIP_EXTRA_INDEX_URL``, else ``extra-index-url`` in the configuration)."""
+    config = _pip_config()
+
+    def setting(name: str) -> str | None:
+        env = os.environ.get("PIP_" + name.upper().replace("-", "_"))
+        if env:
+            return env
+        for section in ("install", "global"):
+            if config.get(f"{section}.{name}"):
+                return config[f"{section}.{name}"]
+        return None
+
+    main = setting("index-url") or _pip_default_index()
+    extra = (setting("extra-index-url") or "").split()
+    return [u.rstrip("/") for u in [main, *extra]]
+
+
+def _find_sdist_url() -> tuple[str, str | None]:
+    """The sdist's URL and sha256 (None for a local file found in a ``file://`` index
+    folder without a page) from the first index that lists it."""
+    failures = []
+    for index in index_urls():
+        page_url = f"{index}/bigbench/"
+        local = urllib.parse.urlparse(page_url)
+        if local.scheme == "file" and not os.path.exists(os.path.join(local.path, "index.html")):
+            path = os.path.join(local.path, SDIST)
+            if os.path.exists(path):
+                return f"file://{path}", None
+            failures.append(f"{index}: no {SDIST}")
+            continue
+        if local.scheme == "file":
+            page_url += "index.html"
+        try:
+            with urllib.request.urlopen(page_url, timeout=60) as resp:
+                parser = _Links()
+                parser.feed(resp.read().decode())
+        except (OSError, ValueError) as exc:  # URLError, HTTPError, timeouts
+            reason = getattr(exc, "reason", None) or exc
+            failures.append(f"{index}: {' '.join(str(reason).split())}")
+            continue
+        for href in parser.hrefs:
+            url = urllib.parse.urljoin(page_url, href)
+            path, _, fragment = url.partition("#")
+            if path.endswith("/" + SDIST) and fragment.startswith("sha256="):
+                return path, fragment.removeprefix("sha256=")
+        failures.append(f"{index}: {SDIST} with a sha256 not listed")
+    raise IndexUnreachableError(
+        f"cannot get {SDIST} from the package indexes pip uses ({'; '.join(failures)}): "
+        f"download it on a machine that can and run python -m tasks.install_bigbench "
+        "--sdist FILE"
+    )
+
+
+def _download(url: str, sha256: str | None, out_path: str) -> None:
     digest = hashlib.sha256()
     with urllib.request.urlopen(url, timeout=600) as resp, open(out_path, "wb") as out:
         while chunk := resp.read(1 << 20):
             digest.update(chunk)
             out.write(chunk)
-    if digest.hexdigest() != sha256:
+    if sha256 is not None and digest.hexdigest() != sha256:
         raise RuntimeError(f"sha256 mismatch for {url}: got {digest.hexdigest()}")
 
 
@@ -129,7 +203,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sdist", default=None, help="a local bigbench-1.0.0.tar.gz (offline)")
     ap.add_argument("--force", action="store_true")
     args = ap.parse_args(argv)
-    print(install(args.dest, args.sdist, args.force))
+    try:
+        print(install(args.dest, args.sdist, args.force))
+    except IndexUnreachableError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
