@@ -26,3 +26,13 @@ def bigbench_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("BIGBENCH_DIR", str(root))
         yield root
+
+
+@pytest.fixture()
+def clean_gin():
+    """gin cleared before and after (tests that parse gin configs in this process)."""
+    import gin
+
+    gin.clear_config()
+    yield
+    gin.clear_config()

@@ -35,6 +35,18 @@ def run_py(
     )
 
 
+def main_in_process(argv: Sequence[str], capsys: Any) -> tuple[int, list[str]]:
+    """``run.py``'s ``main`` in this process (gin cleared first, by the ``clean_gin``
+    fixture): its exit code and its stderr lines."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import run as run_module
+
+    code = run_module.main(list(argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
 def quick_args(model_dir: Path, task: str = "pet_rule") -> list[str]:
     """A two-round HIR run of the tiny model that checkpoints every 2 steps."""
     loop = "--gin.hir_jax.loop.LoopConfig."

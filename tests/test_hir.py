@@ -1,19 +1,28 @@
 """The HIR loop end to end: it learns where no-hindsight does not, it resumes exactly after
-SIGTERM, and run.py fails with one-line messages on bad input."""
+SIGTERM or SIGKILL, and run.py fails with one-line messages on bad input."""
 
 from __future__ import annotations
 
 import json
 import signal
+import time
 
 import gin
 import jax
 import numpy as np
 import pytest
-from run_py_helpers import REPO, TIMING, metric_lines, quick_args, run_py, wait_for_test_line
+from run_py_helpers import (
+    REPO,
+    TIMING,
+    main_in_process,
+    metric_lines,
+    quick_args,
+    run_py,
+    wait_for_test_line,
+)
 
 from hir_jax import metrics_log, runner
-from hir_jax.checkpoints.state import checkpoint_id
+from hir_jax.checkpoints.state import ROUND_STRIDE, checkpoint_id
 from hir_jax.loop import LoopConfig
 from hir_jax.methods import HIR, ZeroShot
 from hir_jax.model.configs import get_config
@@ -88,10 +97,30 @@ def test_hir_learns_a_rule_that_no_hindsight_does_not(tmp_path, vocab):
 # --------------------------------------------------------------------------- run.py
 
 
-def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, bigbench_dir):
+def _wait_for_mid_round_checkpoint(model_dir, proc, timeout):
+    """Waits until a checkpoint from inside a training round (round >= 1, step > 0) is
+    committed (orbax renames it to its id when done); False if the run ended first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        root = model_dir / "checkpoints"
+        ids = [int(p.name) for p in root.iterdir() if p.name.isdigit()] if root.exists() else []
+        if any(i // ROUND_STRIDE >= 1 and i % ROUND_STRIDE > 0 for i in ids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_resume_after_sigterm_or_sigkill_matches_an_uninterrupted_run(tmp_path, bigbench_dir):
     env = {"BIGBENCH_DIR": str(bigbench_dir)}
-    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    full_dir, cut_dir, killed_dir = tmp_path / "full", tmp_path / "cut", tmp_path / "killed"
     full = run_py(quick_args(full_dir), env)
+    killed = run_py(quick_args(killed_dir), env)
+    # SIGKILL (no chance to save) right after the first mid-round checkpoint.
+    assert _wait_for_mid_round_checkpoint(killed_dir, killed, timeout=400), killed.communicate()
+    killed.kill()
+    killed.communicate(timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    restarted = run_py(quick_args(killed_dir), env)
     cut = run_py(quick_args(cut_dir), env)
     # Interrupt `cut` as soon as round 1 is on disk (it is then in round 2).
     assert wait_for_test_line(cut_dir, 1, [cut], timeout=400), cut.communicate()[1]
@@ -106,8 +135,12 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, bigbench_di
     assert "resumed from" in err + out
     out, err = full.communicate(timeout=400)
     assert full.returncode == 0, err
+    out, err = restarted.communicate(timeout=400)
+    assert restarted.returncode == 0, err
+    assert "resumed from" in err + out
 
     assert metric_lines(cut_dir) == metric_lines(full_dir)
+    assert metric_lines(killed_dir) == metric_lines(full_dir)
     assert metrics_log.is_done(cut_dir) and metrics_log.is_done(full_dir)
     # What a run leaves in MODEL_DIR.
     assert "LoopConfig.num_rounds = 2" in (full_dir / "config.gin").read_text()
@@ -120,36 +153,23 @@ def test_resume_after_sigterm_matches_an_uninterrupted_run(tmp_path, bigbench_di
     assert splits == [(r, split) for r in range(3) for split in ("train", "test")]
 
 
-@pytest.fixture()
-def clean_gin():
-    gin.clear_config()
-    yield
-    gin.clear_config()
-
-
-def _main(argv, capsys):
-    import run as run_py
-
-    code = run_py.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    return code, err
-
-
 @pytest.mark.usefixtures("clean_gin")
 def test_run_py_rejects_bad_input_with_one_line(tmp_path, bigbench_dir, capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))
     base = ["--gin_file=runs/hir.gin", "--gin_file=models/flan_t5_tiny.gin"]
     model_dir = f"--gin.MODEL_DIR='{tmp_path / 'run'}'"
 
-    code, err = _main([*base, "--gin.TASK='pet_rule'"], capsys)
+    code, err = main_in_process([*base, "--gin.TASK='pet_rule'"], capsys)
     assert code == 2 and err == ["error: required macro MODEL_DIR is not set (--gin.MODEL_DIR=...)"]
 
     gin.clear_config()
-    code, err = _main([*base, model_dir, "--gin.TASK='pet_rule'", "--gin.no_such.thing=1"], capsys)
+    code, err = main_in_process(
+        [*base, model_dir, "--gin.TASK='pet_rule'", "--gin.no_such.thing=1"], capsys
+    )
     assert code == 2 and len(err) == 1 and "no_such" in err[0], err
 
     gin.clear_config()
-    code, err = _main([*base, model_dir, "--gin.TASK='pet_rulez'"], capsys)
+    code, err = main_in_process([*base, model_dir, "--gin.TASK='pet_rulez'"], capsys)
     assert code == 2 and len(err) == 1 and "Did you mean: hir_bigbench.pet_rule" in err[0], err
 
     from hir_jax.checkpoints import save_hf
@@ -158,7 +178,7 @@ def test_run_py_rejects_bad_input_with_one_line(tmp_path, bigbench_dir, capsys, 
     small = get_config("tiny", vocab_size=1024, d_model=32, d_kv=8)
     save_hf(tmp_path / "ckpt", small, init_params(small, jax.random.key(0)))
     gin.clear_config()
-    code, err = _main(
+    code, err = main_in_process(
         [*base, model_dir, "--gin.TASK='pet_rule'", f"--gin.INITIAL_CHECKPOINT='{tmp_path}/ckpt'"],
         capsys,
     )
@@ -263,7 +283,7 @@ def test_buffer_grows_every_round_under_the_released_rule(tmp_path, vocab, dedup
 def test_released_experiment_file_reproduces_the_released_training(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO))
     files = ["runs/hir.gin", "models/flan_t5_small.gin", "experiments/released_hir.gin"]
-    code, _ = _main(
+    code, _ = main_in_process(
         [
             *[f"--gin_file={f}" for f in files],
             "--gin.MODEL_DIR='/x'",
