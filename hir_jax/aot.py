@@ -222,7 +222,7 @@ def analyze(
     given = dict(method=method, optimizer=optimizer, loss=loss)  # None: as gin binds it
     spec = runner.setup(
         model_config=config, initial_checkpoint=None, partitioner=partitioner,
-        loop=LoopConfig(num_microbatches=num_microbatches, warmup_task=None),
+        loop=LoopConfig(batch_size=batch, num_microbatches=num_microbatches, warmup_task=None),
         **{k: v for k, v in given.items() if v is not None},
     )  # fmt: skip
     if spec.optimizer is None:
@@ -446,13 +446,19 @@ def _gin_value(name: str, default: Any = None) -> Any:
 def _setup_from_gin(args: argparse.Namespace) -> tuple[Any, str]:
     """The run's set-up as ``run.py`` resolves it (``runner.setup``; the model from a
     model file or the config of an HF or T5X ``INITIAL_CHECKPOINT``), or ``--size``."""
+    import jax
+
     from hir_jax import runner
     from hir_jax.model.configs import get_config
+    from hir_jax.partitioning import make_partitioner
 
+    # The run's settings only: the mesh checked is the one ``analyze`` builds from the flags.
+    one = make_partitioner(data=1, devices=jax.devices()[:1])
     if args.size:
-        return runner.setup(model_config=get_config(args.size)), f"flan_t5_{args.size}"
+        spec = runner.setup(model_config=get_config(args.size), partitioner=one)
+        return spec, f"flan_t5_{args.size}"
     try:
-        spec = runner.setup()
+        spec = runner.setup(partitioner=one)
     except ValueError as exc:
         if "set a model config" not in str(exc):
             raise

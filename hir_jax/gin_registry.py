@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gin
 
-from hir_jax import feedback, loop, methods, partitioning, runner, train  # noqa: F401  (registers)
+from hir_jax import feedback, loop, methods, partitioning, runner, settings, train  # noqa: F401
 from hir_jax.model.configs import T5Config, get_config
 from tasks import bigbench, registry, vocab  # noqa: F401  (registers hir_tasks.*)
 
@@ -24,6 +24,11 @@ def model_config(
 ) -> T5Config:
     """A named size (tiny, small, base, large, xl, xxl) with optional overrides: ``dtype``
     (activations), ``param_dtype`` (weights, and so the optimizer's moments)."""
+    S = settings
+    S.check(
+        "hir_jax.model.model_config", locals(),
+        vocab_size=S.POSITIVE_INT.or_none(), dropout_rate=S.FRACTION.or_none(),
+    )  # fmt: skip
     overrides = dict(
         vocab_size=vocab_size,
         dtype=dtype,

@@ -7,6 +7,7 @@ spec from :func:`kvstore_spec` ("file" locally, "gcs" for ``gs://``).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -57,17 +58,25 @@ class UnwritableDirError(OSError):
     """A directory a run must write to cannot be created or written."""
 
 
-def ensure_writable_dir(path: PathLike, what: str) -> epath.Path:
-    """Creates ``path`` (with its parents) and checks that a file can be written in it;
-    otherwise raises ``UnwritableDirError`` naming ``what`` (``MODEL_DIR``), the path and
-    the OS's reason."""
+def check_writable_dir(path: PathLike, what: str) -> None:
+    """Checks that ``path`` can be written: an existing directory (or a ``gs://`` path)
+    by writing and removing a probe file, a local one not there yet by its nearest
+    existing parent (a writable directory). Creates nothing; raises
+    ``UnwritableDirError`` naming ``what`` (``MODEL_DIR``), the path and the OS's reason."""
     directory = as_path(path)
-    probe = directory / f".write_probe_{os.getpid()}_{os.urandom(4).hex()}"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
+        if is_gcs(path) or directory.exists():
+            probe = directory / f".write_probe_{os.getpid()}_{os.urandom(4).hex()}"
+            probe.write_text("")
+            probe.unlink()
+            return
+        parent = directory.parent
+        while not parent.exists():
+            parent = parent.parent
+        if not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(parent))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(parent))
     except Exception as exc:  # OSError locally; the GCS client's own errors for gs://
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise UnwritableDirError(f"{what} {path} cannot be created or written: {reason}") from exc
-    return directory

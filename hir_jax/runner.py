@@ -32,7 +32,7 @@ from hir_jax.methods import HIR, Method
 from hir_jax.model.configs import EOS_ID, T5Config
 from hir_jax.model.t5 import T5, init_params
 from hir_jax.partitioning import Partitioner, make_partitioner
-from hir_jax.paths import as_path, ensure_writable_dir
+from hir_jax.paths import as_path, check_writable_dir
 from hir_jax.preemption import Preemption
 from hir_jax.train import (
     LossConfig,
@@ -202,7 +202,7 @@ def run(
     ``setup()`` as gin binds it). ``variant``: a label for the report, which shows the run
     in its own column ("HIR (no_entropy)") instead of averaging it with the method's.
     """
-    ensure_writable_dir(model_dir, "MODEL_DIR")  # first: before settings, task or model
+    check_writable_dir(model_dir, "MODEL_DIR")  # first: before settings, task or model
     spec = spec if spec is not None else setup()
     cfg = spec.loop
     chief = jax.process_index() == 0

@@ -187,9 +187,9 @@ def make_optimizer(
     settings (decay rate 0.8, update clipping 1.0, parameter-scaled updates).
     """
     S = settings
-    S.check(
+    S.check(  # learning rate 0: a frozen model (for tests and probes)
         "hir_jax.train.make_optimizer", locals(),
-        name=S.one_of("adamw", "adafactor"), learning_rate=S.POSITIVE, warmup_steps=S.COUNT,
+        name=S.one_of("adamw", "adafactor"), learning_rate=S.NON_NEGATIVE, warmup_steps=S.COUNT,
         total_steps=S.POSITIVE_INT.or_none(), weight_decay=S.NON_NEGATIVE,
         b1=S.FRACTION, b2=S.FRACTION, eps=S.NON_NEGATIVE,
         max_grad_norm=S.NON_NEGATIVE.or_none(),
@@ -199,7 +199,7 @@ def make_optimizer(
         tx = optax.adamw(
             lr, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, mask=_decay_mask(decay_norms)
         )
-    elif name == "adafactor":
+    else:  # "adafactor" (checked above)
         tx = optax.adafactor(
             lr,
             decay_rate=adafactor_decay_rate,
@@ -208,8 +208,6 @@ def make_optimizer(
             weight_decay_rate=weight_decay or None,
             weight_decay_mask=_decay_mask(decay_norms),
         )
-    else:
-        raise ValueError(f"unknown optimizer {name!r}: 'adamw' or 'adafactor'")
     if max_grad_norm:
         tx = optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
     return Optimizer(tx=tx, learning_rate=lr)

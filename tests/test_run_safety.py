@@ -220,8 +220,9 @@ BAD_SETTINGS = [
     ("hir_jax.loop.LoopConfig.max_train_examples=0", "= 0: must be an integer >= 1, or None"),
     ("hir_jax.train.LossConfig.label_smoothing=1.0", "= 1.0: must be in [0, 1)"),
     ("hir_jax.train.LossConfig.beta=-0.1", "= -0.1: must be a number >= 0"),
-    ("hir_jax.train.make_optimizer.learning_rate=0.0", "= 0.0: must be a number > 0"),
+    ("hir_jax.train.make_optimizer.learning_rate=-1e-3", "= -0.001: must be a number >= 0"),
     ("hir_jax.methods.HIR.holdout_fraction=1.0", "= 1.0: must be in [0, 1)"),
+    ("hir_jax.model.model_config.dropout_rate=1.5", "= 1.5: must be in [0, 1), or None"),
     # 8 simulated devices (conftest): 12 rows do not split over the data axis.
     ("hir_jax.loop.LoopConfig.batch_size=12", "= 12: must be a multiple of num_microbatches"),
 ]
