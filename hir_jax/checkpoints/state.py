@@ -97,8 +97,9 @@ class StateCheckpointer:
             return None
         try:
             expected = read_json(manifest)
-        except ValueError:
-            return f"its file list {FILES_NAME} is not valid JSON"
+        except ValueError:  # cut while being written: check by reading instead
+            manifest.unlink()
+            return None
         found = _files(step_dir)
         for rel, size in expected.items():
             if rel not in found:
