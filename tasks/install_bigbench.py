@@ -63,14 +63,11 @@ def _pip(*args: str) -> str:
     return proc.stdout
 
 
-def _pip_config() -> dict[str, str]:
-    """``pip config list`` as ``{key: value}`` (``global.index-url``, ...)."""
-    out = {}
-    for line in _pip("config", "list").splitlines():
-        key, sep, value = line.partition("=")
-        if sep:
-            out[key.strip()] = value.strip().strip("'\"")
-    return out
+def _pip_config_get(key: str) -> str | None:
+    """The effective value of ``key`` (``global.index-url``) in pip's configuration, all
+    its files merged in pip's own order (``pip config get``); None when unset."""
+    value = _pip("config", "get", key).strip()
+    return value or None
 
 
 def _pip_default_index() -> str:
@@ -88,15 +85,15 @@ def index_urls() -> list[str]:
     """The indexes pip would read, in its order: the index (``PIP_INDEX_URL``, else
     ``index-url`` in pip's configuration, else pip's default) and the extra indexes
     (``PIP_EXTRA_INDEX_URL``, else ``extra-index-url`` in the configuration)."""
-    config = _pip_config()
 
     def setting(name: str) -> str | None:
         env = os.environ.get("PIP_" + name.upper().replace("-", "_"))
         if env:
             return env
         for section in ("install", "global"):
-            if config.get(f"{section}.{name}"):
-                return config[f"{section}.{name}"]
+            value = _pip_config_get(f"{section}.{name}")
+            if value:
+                return value
         return None
 
     main = setting("index-url") or _pip_default_index()

@@ -44,7 +44,7 @@ def test_index_comes_from_the_environment_then_pip_config_then_pip_default(pip_e
     assert ib.index_urls()[0] == PyPI.simple_url.rstrip("/")
     pip_env.write_text(
         "[global]\nindex-url = http://index.example/simple/\n"
-        "extra-index-url = http://extra.example/a http://extra.example/b\n"
+        "extra-index-url =\n    http://extra.example/a\n    http://extra.example/b\n"
     )
     assert ib.index_urls() == [
         "http://index.example/simple",
