@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from hir_jax.gin_cli import one_line
 from hir_jax.paths import as_path, read_json, write_json
 
 ROUND_STRIDE = 10_000_000
@@ -98,7 +99,7 @@ class StateCheckpointer:
         try:
             expected = read_json(manifest)
         except ValueError:  # cut while being written: check by reading instead
-            manifest.unlink()
+            manifest.unlink(missing_ok=True)  # another host may have dropped it first
             return None
         found = _files(step_dir)
         for rel, size in expected.items():
@@ -225,10 +226,9 @@ def _quiet_failed_reads() -> None:
 
 
 def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()).split(" See full TensorStore details")[0].rstrip(".")
-    if len(text) > 300:  # TensorStore errors quote whole specs
-        text = text[:300] + " ..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """``gin_cli.one_line`` without the TensorStore spec that read errors quote."""
+    text = one_line(exc).split(" See full TensorStore details")[0].rstrip(".")
+    return text[:300] + " ..." if len(text) > 300 else text
 
 
 def _report(message: str) -> None:
