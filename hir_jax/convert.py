@@ -3,7 +3,8 @@
     python -m hir_jax.convert SRC DST --to hf [--dtype bfloat16] [--vocab DIR]
     python -m hir_jax.convert SRC DST --to t5x [--step N]
 
-SRC is an HF directory, a T5X checkpoint (``checkpoint_<step>`` or its model dir), or a
+SRC is an HF directory, a T5X checkpoint (``checkpoint_<step>`` or its model dir; the
+msgpack one or T5X's Orbax one, of which only the parameters are read), or a
 MODEL_DIR of ours (the parameters of its latest orbax checkpoint; the model shape comes
 from the checkpoint's loop state). The HF output loads in transformers unchanged; the
 ``spiece.model`` found beside SRC (or given by ``--vocab``) is copied next to it.

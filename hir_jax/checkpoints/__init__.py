@@ -1,4 +1,4 @@
-"""Checkpoint import/export: HF safetensors and T5X msgpack+zarr <-> our parameter tree.
+"""Checkpoint import/export: HF safetensors, T5X (msgpack+zarr; Orbax read) <-> params.
 
 >>> config, params = load_checkpoint("/path/to/flan-t5-base")  # HF directory
 >>> config, params = load_checkpoint("gs://bucket/flan_t5_base/checkpoint_1184000")  # T5X

@@ -24,8 +24,9 @@ NUM_EXTRA_IDS = 100  # T5's sentinel tokens <extra_id_0..99>
 def detect_format(path: PathLike) -> Format:
     """The format at ``path``: "hf" (a directory with config.json) or "t5x".
 
-    "t5x" covers the msgpack ``checkpoint`` file, a ``checkpoint_<step>`` directory and
-    a model directory holding such step directories.
+    "t5x" covers the msgpack ``checkpoint`` file, a ``checkpoint_<step>`` directory (with
+    that file, or T5X's Orbax ``state`` item) and a model directory holding such step
+    directories.
 
     Raises NoCheckpointError for a missing path or a directory without a checkpoint, and
     UnknownFormatError for anything else.
@@ -45,14 +46,9 @@ def detect_format(path: PathLike) -> Format:
         )
     if (p / hf.CONFIG_NAME).exists():
         return "hf"
-    if (p / t5x.CHECKPOINT_FILE).exists() or t5x.all_steps(p):
-        t5x.find_checkpoint(p)
+    if (p / t5x.CHECKPOINT_FILE).exists() or t5x.is_orbax_dir(p) or t5x.all_steps(p):
+        t5x.find_checkpoint(p)  # refuses an Orbax directory that is not T5X's
         return "t5x"
-    if (p / "_CHECKPOINT_METADATA").exists() or (p / "_METADATA").exists():
-        raise UnknownFormatError(
-            f"{p}: an Orbax checkpoint, not an HF or T5X model checkpoint (T5X's has a "
-            f"msgpack '{t5x.CHECKPOINT_FILE}' file)"
-        )
     if list(p.glob("*.safetensors")) or list(p.glob("*.bin")):
         raise UnknownFormatError(f"{p}: has weight files but no {hf.CONFIG_NAME}")
     if list(p.glob("*.ckpt*.index")) or list(p.glob("model.ckpt-*")):
@@ -60,10 +56,15 @@ def detect_format(path: PathLike) -> Format:
             f"{p}: a TensorFlow (Mesh TF) checkpoint; convert it with T5X's checkpoint "
             "importer first"
         )
+    ours = (
+        "; a MODEL_DIR of ours (checkpoints/) is read by python -m hir_jax.convert"
+        if (p / "checkpoints").is_dir()
+        else ""
+    )
     raise NoCheckpointError(
         f"{p}: no checkpoint found; looked for {hf.CONFIG_NAME} (HF), "
-        f"{t5x.CHECKPOINT_FILE} (T5X step directory) and checkpoint_<step>/"
-        f"{t5x.CHECKPOINT_FILE} (T5X model directory)"
+        f"{t5x.CHECKPOINT_FILE} or {t5x.ORBAX_STATE}/ (T5X step directory) and "
+        f"checkpoint_<step>/ holding either (T5X model directory){ours}"
     )
 
 
@@ -71,6 +72,10 @@ def load_checkpoint(
     path: PathLike, config: T5Config | None = None, lazy: bool = False
 ) -> tuple[T5Config, Params]:
     """Load an HF or T5X checkpoint as ``(config, params)`` (fp32 numpy leaves).
+
+    T5X: the legacy msgpack+zarr checkpoint or T5X's Orbax one (``checkpoint_<step>/state``,
+    of which only ``target`` is read), a step directory or the model directory (its
+    latest step), local or ``gs://``.
 
     HF: the config comes from config.json; a given ``config`` must agree with it on
     shapes and is returned. T5X: the params are checked against ``config`` if given,
@@ -117,6 +122,8 @@ def find_vocabulary(path: PathLike) -> PathLike:
     if p.exists() and not p.is_dir() and p.name != t5x.CHECKPOINT_FILE:
         return p
     directory = p if p.is_dir() else p.parent
+    if directory.name == t5x.ORBAX_STATE and directory.parent.name.startswith("checkpoint_"):
+        directory = directory.parent  # T5X's Orbax state item: look beside its step dir
     candidates = [directory / name for name in VOCABULARY_NAMES]
     if directory.name.startswith("checkpoint_"):
         candidates += [directory.parent / name for name in VOCABULARY_NAMES]

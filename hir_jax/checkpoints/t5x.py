@@ -12,11 +12,21 @@ line are numpy arrays in the msgpack itself. Version 2 stored bfloat16 as uint16
 T5X's later Orbax-based writer (legacy Orbax, still a msgpack ``checkpoint`` file) puts
 the string ``"PLACEHOLDER://<name>"`` there instead, the array being ``<ckpt dir>/<name>``
 (zarr), or key ``<name>`` of the OCDBT store when the directory has ``manifest.ocdbt``.
+
+T5X's Orbax layout (``train.py``'s ``use_orbax=True``, the default since 2024) has no
+msgpack file: ``checkpoint_<step>/{_CHECKPOINT_METADATA, state/, dataset/}``, where
+``state`` is an Orbax pytree item ``{"target": <params>, "state": <optimizer state>}``:
+its ``_METADATA`` lists the tree, and leaf ``("target", "encoder", ...)`` is the array
+``target.encoder....`` (zarr, or zarr3 when ``use_zarr3``), in the item's OCDBT store or a
+directory of that name. Only the ``target`` arrays are ever opened. Our own MODEL_DIR
+checkpoints are Orbax too, but their ``state`` tree has ``params``, not ``target``.
 """
 
 from __future__ import annotations
 
+import ast
 import functools
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -43,6 +53,11 @@ CHECKPOINT_FILE = "checkpoint"
 VERSION = 3
 DUMMY_BUCKET = "t5x-dummy-bucket"
 PLACEHOLDER_PREFIX = "PLACEHOLDER://"  # Orbax's marker for an array stored out of line
+ORBAX_STATE = "state"  # T5X's Orbax item holding {"target", "state"}
+ORBAX_TREE_METADATA = "_METADATA"  # an Orbax pytree item's tree
+ORBAX_STEP_METADATA = "_CHECKPOINT_METADATA"  # an Orbax step directory's
+ORBAX_COMMIT_FILE = "commit_success.txt"  # marks a finished Orbax save on gs://
+_OCDBT_CACHE_BYTES = 100 * 1024 * 1024
 _STEP_DIR_RE = re.compile(r"^checkpoint_(\d+)$")
 _CHUNK_BYTES = 64 * 1024 * 1024
 _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -51,15 +66,35 @@ _DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloa
 # --------------------------------------------------------------------------- finding
 
 
-def all_steps(model_dir: PathLike) -> list[int]:
-    """Steps of the complete ``checkpoint_<step>/checkpoint`` files in ``model_dir``, sorted."""
-    model_dir = as_path(model_dir)
-    steps = []
-    for ckpt in model_dir.glob(f"checkpoint_*/{CHECKPOINT_FILE}"):
-        match = _STEP_DIR_RE.match(ckpt.parent.name)
+def _steps_with(model_dir: epath.Path, pattern: str, depth: int) -> set[int]:
+    """Steps of the ``checkpoint_<step>`` dirs holding a file matching ``pattern`` (``depth``
+    levels below the step dir)."""
+    steps = set()
+    for found in model_dir.glob(f"checkpoint_*/{pattern}"):
+        step_dir = found
+        for _ in range(depth):
+            step_dir = step_dir.parent
+        match = _STEP_DIR_RE.match(step_dir.name)
         if match:
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+            steps.add(int(match.group(1)))
+    return steps
+
+
+def all_steps(model_dir: PathLike) -> list[int]:
+    """Steps of the complete T5X checkpoints in ``model_dir``, sorted: ``checkpoint_<step>``
+    dirs with a msgpack ``checkpoint`` file or an Orbax ``state`` item.
+
+    Orbax saves to a temporary name and renames it when done, except on ``gs://``, where a
+    step is complete once ``commit_success.txt`` is written: there steps without it are
+    left out (they may still be being written).
+    """
+    model_dir = as_path(model_dir)
+    steps = _steps_with(model_dir, CHECKPOINT_FILE, 1)
+    orbax = _steps_with(model_dir, f"{ORBAX_STATE}/{ORBAX_TREE_METADATA}", 2)
+    orbax |= _steps_with(model_dir, f"{ORBAX_STATE}/{CHECKPOINT_FILE}", 2)
+    if orbax and is_gcs(model_dir):
+        orbax &= _steps_with(model_dir, ORBAX_COMMIT_FILE, 1)
+    return sorted(steps | orbax)
 
 
 def is_tf_checkpoint_index(path: PathLike) -> bool:
@@ -68,35 +103,81 @@ def is_tf_checkpoint_index(path: PathLike) -> bool:
         return f.read(32).startswith(b"model_checkpoint_path")
 
 
-def find_checkpoint(path: PathLike) -> epath.Path:
-    """The msgpack ``checkpoint`` file for a file, a ``checkpoint_<step>`` dir or a model dir.
+def is_orbax_dir(path: PathLike) -> bool:
+    """True if directory ``path`` looks like Orbax wrote it (a step dir or a pytree item)."""
+    p = as_path(path)
+    return any(
+        (p / name).exists() for name in (ORBAX_STEP_METADATA, ORBAX_TREE_METADATA, ORBAX_STATE)
+    )
 
-    A model dir resolves to its highest step.
+
+def _in_step_dir(directory: epath.Path) -> epath.Path | None:
+    """The checkpoint directly in ``directory``, if any: its msgpack ``checkpoint`` file, or
+    the Orbax pytree item (``directory`` itself, or its ``state`` item)."""
+    msgpack_file = directory / CHECKPOINT_FILE
+    if msgpack_file.exists() and not msgpack_file.is_dir():
+        return msgpack_file
+    if (directory / ORBAX_TREE_METADATA).exists():
+        return directory
+    state = directory / ORBAX_STATE
+    if (state / ORBAX_TREE_METADATA).exists():
+        return state
+    if (state / CHECKPOINT_FILE).exists():  # Orbax before its _METADATA file (2023)
+        return state / CHECKPOINT_FILE
+    return None
+
+
+def find_checkpoint(path: PathLike) -> epath.Path:
+    """The checkpoint for a file, a ``checkpoint_<step>`` dir or a model dir (its highest
+    step): the msgpack ``checkpoint`` file, or for T5X's Orbax layout
+    (``checkpoint_<step>/state``, T5X's ``use_orbax=True``) the ``state`` item directory.
+
+    An Orbax directory that is not T5X's (no ``target`` in its tree, e.g. one of our own
+    MODEL_DIR checkpoints) raises UnknownFormatError.
     """
     path = as_path(path)
     if not path.exists():
         raise NoCheckpointError(f"{path}: no such file or directory")
     if path.is_dir():
-        if (path / CHECKPOINT_FILE).exists() and not (path / CHECKPOINT_FILE).is_dir():
-            path = path / CHECKPOINT_FILE
-        else:
+        found = _in_step_dir(path)
+        if found is None:
             steps = all_steps(path)
-            if not steps:
+            if steps:
+                found = _in_step_dir(path / f"checkpoint_{steps[-1]}")
+            elif is_orbax_dir(path):
+                raise UnknownFormatError(_not_t5x_orbax(path, "it has no 'state' item"))
+            if found is None:
                 raise NoCheckpointError(
-                    f"{path}: no T5X checkpoint; looked for {path / CHECKPOINT_FILE} and "
-                    f"{path}/checkpoint_<step>/{CHECKPOINT_FILE}"
+                    f"{path}: no T5X checkpoint; looked for {path / CHECKPOINT_FILE}, "
+                    f"{path / ORBAX_STATE}/ and {path}/checkpoint_<step>/{CHECKPOINT_FILE} "
+                    f"or {ORBAX_STATE}/"
                 )
-            path = path / f"checkpoint_{steps[-1]}" / CHECKPOINT_FILE
-    if path.name != CHECKPOINT_FILE and (path / "_CHECKPOINT_METADATA").exists():
-        raise UnknownFormatError(
-            f"{path}: an Orbax checkpoint (no msgpack '{CHECKPOINT_FILE}' file), not a T5X one"
-        )
+        path = found
+    if path.is_dir():
+        _target_leaves(path)  # refuses an Orbax tree without T5X's "target"
+        return path
     if is_tf_checkpoint_index(path):
         raise UnknownFormatError(
             f"{path}: a TensorFlow (Mesh TF) checkpoint index, not a T5X msgpack checkpoint; "
             "convert it with T5X's checkpoint importer first"
         )
     return path
+
+
+def _not_t5x_orbax(path: epath.Path, why: str) -> str:
+    """The one-line message for an Orbax directory that is not a T5X checkpoint."""
+    step_dir = path.parent if path.name == ORBAX_STATE else path
+    ours = (step_dir / "loop").exists() or (step_dir / "hir_files.json").exists()
+    hint = (
+        "; it is one of our own MODEL_DIR training checkpoints: pass the MODEL_DIR to "
+        "python -m hir_jax.convert"
+        if ours
+        else ""
+    )
+    return (
+        f"{path}: an Orbax checkpoint, not an HF or T5X model checkpoint ({why}; T5X's has a "
+        f"msgpack '{CHECKPOINT_FILE}' file or a '{ORBAX_STATE}' item holding 'target'){hint}"
+    )
 
 
 # --------------------------------------------------------------------------- reading
@@ -130,14 +211,30 @@ def _absolute_spec(spec: Mapping[str, Any], ckpt_dir: epath.Path) -> dict[str, A
     return {"driver": spec["driver"], "kvstore": _join_kvstore(kvstore_spec(ckpt_dir), rel)}
 
 
-def _placeholder_spec(placeholder: str, ckpt_dir: epath.Path) -> dict[str, Any]:
-    """A TensorStore spec for Orbax's ``PLACEHOLDER://<name>`` leaf."""
-    name = placeholder[len(PLACEHOLDER_PREFIX) :]
-    base = kvstore_spec(ckpt_dir)
-    if (ckpt_dir / "manifest.ocdbt").exists():
+def _orbax_array_spec(
+    item_dir: epath.Path, name: str, zarr3: bool = False, ocdbt: bool | None = None
+) -> dict[str, Any]:
+    """A TensorStore spec for array ``name`` of an Orbax pytree item: key ``name`` of the
+    item's OCDBT store (``ocdbt``; None: when it has ``manifest.ocdbt``), else the zarr
+    array ``<item>/<name>``."""
+    driver = "zarr3" if zarr3 else "zarr"
+    base = kvstore_spec(item_dir)
+    if ocdbt is None:
+        ocdbt = _has_ocdbt(item_dir)
+    if ocdbt:
         base = {**base, "path": base["path"].rstrip("/") + "/"}
-        return {"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": base, "path": name}}
-    return {"driver": "zarr", "kvstore": _join_kvstore(base, name)}
+        kvstore = {"driver": "ocdbt", "base": base, "path": name, "cache_pool": "cache_pool#ocdbt"}
+        return {"driver": driver, "kvstore": kvstore}
+    return {"driver": driver, "kvstore": _join_kvstore(base, name)}
+
+
+def _has_ocdbt(item_dir: epath.Path) -> bool:
+    return (item_dir / "manifest.ocdbt").exists()
+
+
+def _placeholder_spec(placeholder: str, ckpt_dir: epath.Path, ocdbt: bool) -> dict[str, Any]:
+    """A TensorStore spec for Orbax's ``PLACEHOLDER://<name>`` leaf."""
+    return _orbax_array_spec(ckpt_dir, placeholder[len(PLACEHOLDER_PREFIX) :], ocdbt=ocdbt)
 
 
 def _join_kvstore(kvstore: dict[str, Any], rel: str) -> dict[str, Any]:
@@ -145,14 +242,61 @@ def _join_kvstore(kvstore: dict[str, Any], rel: str) -> dict[str, Any]:
     return {**kvstore, "path": f"{base}/{rel.strip('/')}/" if base else f"{rel.strip('/')}/"}
 
 
-def read_t5x(path: PathLike, lazy: bool = False) -> tuple[Params, dict[str, Any]]:
-    """``(params, info)`` from a T5X checkpoint; params keep their stored dtype.
+def _read_json(path: epath.Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:  # JSON and UTF-8 decoding errors
+        raise UnknownFormatError(f"{path}: not readable as Orbax metadata ({e})") from e
 
-    ``info`` has "file" (the msgpack file), "version" and "step" (or None). With
-    ``lazy=True`` the tensors stored out of line come back as ``LazyTensor``s: only
-    their metadata is read (enough to infer the config), and slices are read on demand.
+
+def _tree_keys(key: str, entry: Mapping[str, Any]) -> tuple[str, ...]:
+    """The path of one entry of Orbax's ``tree_metadata`` (its ``key_metadata``, else the
+    entry's name, a tuple literal such as ``"('target', 'encoder')"``)."""
+    keys = entry.get("key_metadata") if isinstance(entry, Mapping) else None
+    if isinstance(keys, list) and keys:
+        return tuple(str(k["key"]) if isinstance(k, Mapping) else str(k) for k in keys)
+    try:
+        parsed = ast.literal_eval(key)
+    except (ValueError, SyntaxError):
+        parsed = (key,)
+    return tuple(str(k) for k in (parsed if isinstance(parsed, tuple) else (parsed,)))
+
+
+def _target_leaves(item_dir: epath.Path) -> tuple[dict[str, str], bool]:
+    """``({our name: Orbax array name}, zarr3)`` for the ``target`` subtree of an Orbax
+    pytree item, from its ``_METADATA`` alone: nothing of the optimizer state is opened.
+
+    Raises UnknownFormatError for an Orbax tree without ``target`` (not T5X's).
     """
-    ckpt_file = find_checkpoint(path)
+    metadata = _read_json(item_dir / ORBAX_TREE_METADATA)
+    tree = metadata.get("tree_metadata") if isinstance(metadata, Mapping) else None
+    if not isinstance(tree, Mapping):
+        raise UnknownFormatError(
+            f"{item_dir / ORBAX_TREE_METADATA}: no 'tree_metadata'; not an Orbax pytree item"
+        )
+    leaves, top = {}, set()
+    for key, entry in tree.items():
+        keys = _tree_keys(key, entry)
+        top.add(keys[0])
+        value = entry.get("value_metadata", {}) if isinstance(entry, Mapping) else {}
+        if keys[0] != "target" or len(keys) < 2 or value.get("skip_deserialize"):
+            continue  # the optimizer state, or an empty node / None
+        leaves["/".join(keys[1:])] = ".".join(keys)
+    if not leaves:
+        why = f"its tree has no 'target' (top-level keys: {', '.join(sorted(top)) or 'none'})"
+        raise UnknownFormatError(_not_t5x_orbax(item_dir, why))
+    return leaves, bool(metadata.get("use_zarr3", False))
+
+
+def _open_context() -> ts.Context:
+    """One TensorStore context for a checkpoint's arrays (an OCDBT store's b-tree is
+    read once for all of them)."""
+    return ts.Context({"cache_pool#ocdbt": {"total_bytes_limit": _OCDBT_CACHE_BYTES}})
+
+
+def _read_msgpack(ckpt_file: epath.Path) -> tuple[dict[str, Any], dict, int, int | None]:
+    """``(flat target, {name: (stored spec, TensorStore spec)}, version, step)`` of a
+    msgpack checkpoint; the flat target has the leaves stored inline."""
     raw = ckpt_file.read_bytes()
     try:
         contents = serialization.msgpack_restore(raw)
@@ -168,60 +312,90 @@ def read_t5x(path: PathLike, lazy: bool = False) -> tuple[Params, dict[str, Any]
             f"{ckpt_file}: no 'target' (model parameters) in the checkpoint; "
             f"top-level keys: {sorted(contents)}"
         )
-
     flat = _flatten_target(target)
     ckpt_dir = ckpt_file.parent
-    pending: dict[str, tuple[Any, Mapping[str, Any], dict[str, Any]]] = {}
+    specs: dict[str, tuple[Mapping[str, Any], dict[str, Any]]] = {}
+    ocdbt = None
     for name, leaf in flat.items():
-        if _is_ts_spec(leaf) or (isinstance(leaf, str) and leaf.startswith(PLACEHOLDER_PREFIX)):
-            if isinstance(leaf, str):
-                stored, spec = {}, _placeholder_spec(leaf, ckpt_dir)
-            else:
-                stored, spec = leaf, _absolute_spec(leaf, ckpt_dir)
-            pending[name] = (ts.open(spec, open=True, read=True), stored, spec)
+        if isinstance(leaf, str) and leaf.startswith(PLACEHOLDER_PREFIX):
+            ocdbt = _has_ocdbt(ckpt_dir) if ocdbt is None else ocdbt
+            specs[name] = ({}, _placeholder_spec(leaf, ckpt_dir, ocdbt))
+        elif _is_ts_spec(leaf):
+            specs[name] = (leaf, _absolute_spec(leaf, ckpt_dir))
         elif not isinstance(leaf, np.ndarray | np.generic | int | float):
             raise UnknownFormatError(
                 f"{ckpt_file}: tensor {name!r} is neither an array nor a TensorStore spec "
                 f"({type(leaf).__name__})"
             )
+    inline = {k: np.asarray(v) for k, v in flat.items() if k not in specs}
+    step = state.get("state", {}).get("step") if isinstance(state.get("state"), dict) else None
+    if not isinstance(step, int | np.integer | np.ndarray) or np.size(step) != 1:
+        step = None  # absent, or itself stored out of line
+    return inline, specs, version, None if step is None else int(step)
+
+
+def read_t5x(path: PathLike, lazy: bool = False) -> tuple[Params, dict[str, Any]]:
+    """``(params, info)`` from a T5X checkpoint; params keep their stored dtype.
+
+    ``info`` has "file" (the msgpack file, or the Orbax ``state`` item directory),
+    "format" ("msgpack" or "orbax"), "version" (msgpack's; None for Orbax) and "step" (or
+    None). Of an Orbax checkpoint only ``target`` is read, never the optimizer state;
+    its step is the directory's. With ``lazy=True`` the tensors stored out of line come
+    back as ``LazyTensor``s: only their metadata is read (enough to infer the config),
+    and slices are read on demand.
+    """
+    ckpt = find_checkpoint(path)
+    context = _open_context()
+    if ckpt.is_dir():  # T5X's Orbax layout: checkpoint_<step>/state
+        names, zarr3 = _target_leaves(ckpt)
+        flat: dict[str, Any] = {}
+        ocdbt = _has_ocdbt(ckpt)
+        specs = {k: ({}, _orbax_array_spec(ckpt, v, zarr3, ocdbt)) for k, v in names.items()}
+        version, match = None, _STEP_DIR_RE.match(ckpt.parent.name)
+        info = {"file": ckpt, "format": "orbax", "version": None}
+        info["step"] = int(match.group(1)) if match else None
+    else:
+        flat, specs, version, step = _read_msgpack(ckpt)
+        info = {"file": ckpt, "format": "msgpack", "version": version, "step": step}
+    opened = {
+        name: (ts.open(spec, open=True, read=True, context=context), stored, spec)
+        for name, (stored, spec) in specs.items()
+    }
     reads = {}
-    for name, (future, stored, spec) in pending.items():
+    for name, (future, stored, spec) in opened.items():
         try:
             store = future.result()
         except ValueError as e:
             raise MissingTensorError(
-                f"{ckpt_file}: tensor {name!r}: cannot open its TensorStore array "
+                f"{ckpt}: tensor {name!r}: cannot open its TensorStore array "
                 f"({spec['kvstore']['path']}): {e}"
             ) from e
         meta_shape = stored.get("metadata", {}).get("shape")
         if meta_shape is not None and tuple(meta_shape) != tuple(store.shape):
             raise ShapeMismatchError(
-                f"{ckpt_file}: tensor {name!r} is recorded with shape {tuple(meta_shape)} "
+                f"{ckpt}: tensor {name!r} is recorded with shape {tuple(meta_shape)} "
                 f"but its TensorStore array has shape {tuple(store.shape)}"
             )
         if lazy:
             dtype = _stored_dtype(store.dtype.numpy_dtype, version)
             read = functools.partial(_read_slice, store, version)
-            flat[name] = LazyTensor(tuple(store.shape), dtype, read, f"{ckpt_file}:{name}")
+            flat[name] = LazyTensor(tuple(store.shape), dtype, read, f"{ckpt}:{name}")
         else:
             reads[name] = store.read()
     for name, future in reads.items():
         arr = np.asarray(future.result())
         flat[name] = arr.view(_stored_dtype(arr.dtype, version))
-    flat = {k: v if isinstance(v, LazyTensor) else np.asarray(v) for k, v in flat.items()}
-    step = state.get("state", {}).get("step") if isinstance(state.get("state"), dict) else None
-    if not isinstance(step, int | np.integer | np.ndarray) or np.size(step) != 1:
-        step = None  # absent, or itself stored out of line
-    info = {"file": ckpt_file, "version": version, "step": None if step is None else int(step)}
     return unflatten(flat), info
 
 
-def _stored_dtype(dtype: np.dtype, version: int) -> np.dtype:
-    """Version 2 wrote bfloat16 as uint16."""
-    return np.dtype(ml_dtypes.bfloat16) if version <= 2 and dtype == np.uint16 else dtype
+def _stored_dtype(dtype: np.dtype, version: int | None) -> np.dtype:
+    """Version 2 wrote bfloat16 as uint16 (Orbax, version None, never did)."""
+    if version is not None and version <= 2 and dtype == np.uint16:
+        return np.dtype(ml_dtypes.bfloat16)
+    return dtype
 
 
-def _read_slice(store: ts.TensorStore, version: int, index: Index) -> np.ndarray:
+def _read_slice(store: ts.TensorStore, version: int | None, index: Index) -> np.ndarray:
     arr = np.asarray(store[index].read().result())
     return arr.view(_stored_dtype(arr.dtype, version))
 
