@@ -1,7 +1,10 @@
-"""Sweeps: run.py over a grid of gin macros (tasks x methods x seeds), one trial at a time.
+"""Sweeps: run.py over a grid of gin macros (tasks x methods x seeds), one trial at a time
+or as parallel Ray tasks on a cluster.
 
     python -m hir_jax.sweep --sweep_file=gin_configs/sweeps/paper_table.gin --root_dir=DIR
         [--print_commands] [--dry_run] [--report_only] [--continue_on_error] [--only=GLOB]
+        [--launcher=ray [--ray_address=ADDR] [--resources='{"GPU": 1}'] [--max_parallel=N]
+         [--max_retries=N]]
 
 A sweep file is gin syntax binding the parameters of ``sweep`` (parsed on its own: it
 does not touch gin's global config, and run.py's configurables need not be importable):
@@ -21,6 +24,7 @@ does not touch gin's global config, and run.py's configurables need not be impor
     sweep.command = ['{python}', 'run.py']     # default; {python} = this interpreter,
                                                # {repo} = the repository root
     sweep.trial_name = '{METHOD}-{TASK}-seed{SEED}'   # optional name template
+    sweep.max_retries = 2              # --launcher=ray: reruns of a trial that died
 
 ``include 'other.gin'`` (relative to the including file, then the repository root) and
 macros (``NAME = value`` / ``%NAME``) work as in gin; ``@name`` references are passed
@@ -45,6 +49,9 @@ and reports the failures at the end). At the end the combined table of the sweep
 ``results.csv``. ``--print_commands`` prints one shell command per unfinished trial (to be
 run from the repository root, e.g. by a cluster launcher) and runs nothing; afterwards
 ``--report_only`` (or ``python -m hir_jax.report <root_dir>``) builds the table.
+
+``--launcher=ray`` runs the same commands as Ray tasks, in parallel (``hir_jax.sweep_ray``:
+retries of trials that died, progress, the table rewritten as each trial ends).
 """
 
 from __future__ import annotations
@@ -74,7 +81,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_COMMAND = ("{python}", "run.py")
 METHOD_KEY = "METHOD"
 MODEL_DIR_MACRO = "MODEL_DIR"
-SWEEP_PARAMS = ("grid", "gin_files", "common_gin_files", "bindings", "command", "trial_name")
+SWEEP_PARAMS = (
+    "grid", "gin_files", "common_gin_files", "bindings", "command", "trial_name", "max_retries",
+)  # fmt: skip
+DEFAULT_MAX_RETRIES = 2
 TRIALS_FILE = "sweep_trials.json"
 
 
@@ -122,6 +132,7 @@ class SweepSpec:
     command: list[str]
     trial_name: str | None = None
     source: str = "<string>"
+    max_retries: int | None = None
 
 
 def _where(location: config_parser.Location, filename: str) -> str:
@@ -264,6 +275,11 @@ def parse_sweep(text: str, *, filename: str = "<string>") -> SweepSpec:
     trial_name = values.get("trial_name")
     if trial_name is not None and not isinstance(trial_name, str):
         raise SweepError(f"sweep.trial_name must be a format string, got {trial_name!r}")
+    max_retries = values.get("max_retries")
+    if max_retries is not None and (
+        isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0
+    ):
+        raise SweepError(f"sweep.max_retries must be an integer >= 0, got {max_retries!r}")
     return SweepSpec(
         grid=grid,
         gin_files=gin_files,
@@ -272,6 +288,7 @@ def parse_sweep(text: str, *, filename: str = "<string>") -> SweepSpec:
         command=command,
         trial_name=trial_name,
         source=filename,
+        max_retries=max_retries,
     )
 
 
@@ -441,40 +458,57 @@ def select_trials(trials: Sequence[Trial], patterns: Sequence[str]) -> list[Tria
 
 @dataclasses.dataclass
 class SweepResult:
-    """What a sweep did: trial names run, skipped (already DONE) and failed (with why)."""
+    """What a sweep did: trial names run, skipped (already DONE) and failed (with why);
+    ``attempts``: how many times each trial was started (the Ray launcher's retries)."""
 
     ran: list[str] = dataclasses.field(default_factory=list)
     skipped: list[str] = dataclasses.field(default_factory=list)
     failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     markdown: str | None = None
+    attempts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def build_report(trials: Sequence[Trial], root_dir: PathLike) -> str | None:
+def build_report(
+    trials: Sequence[Trial],
+    root_dir: PathLike,
+    *,
+    failed: Sequence[tuple[str, str]] = (),
+    quiet: bool = False,
+) -> str | None:
     """Write ``results.md`` / ``results.csv`` under ``root_dir`` from the trials that have
-    metrics; returns the Markdown (None when no trial has any yet)."""
+    metrics; returns the Markdown (None when no trial has any yet). ``failed`` (name, why)
+    are listed under the table in ``results.md``; ``quiet`` logs nothing."""
+    log = (lambda message: None) if quiet else _log
     dirs = [t.model_dir for t in trials if (as_path(t.model_dir) / "run_info.json").exists()]
     if not dirs:
-        _log("no trial has written results yet: no table")
+        log("no trial has written results yet: no table")
         return None
     root = _root_text(root_dir)
     try:
-        _, markdown, notes = report.report(
-            dirs,
-            strict=False,
-            markdown_path=f"{root}/results.md",
-            csv_path=f"{root}/results.csv",
-        )
+        _, markdown, notes = report.report(dirs, strict=False, csv_path=f"{root}/results.csv")
     except report.ReportError as e:
-        _log(f"no table: {e}")
+        log(f"no table: {e}")
         return None
+    if failed:
+        markdown += "\nFailed trials:\n\n" + "".join(f"- {n}: {why}\n" for n, why in failed)
+    (as_path(root) / "results.md").write_text(markdown)
     for note in notes:
-        _log(note)
-    _log(f"table written to {root}/results.md and {root}/results.csv")
+        log(note)
+    log(f"table written to {root}/results.md and {root}/results.csv")
     return markdown
+
+
+def write_trials_file(trials: Sequence[Trial], root_dir: PathLike) -> None:
+    """Create ``root_dir`` and list the sweep's trials in it (``sweep_trials.json``)."""
+    root = as_path(_root_text(root_dir))
+    root.mkdir(parents=True, exist_ok=True)
+    (root / TRIALS_FILE).write_text(
+        json.dumps([dataclasses.asdict(t) for t in trials], indent=2, default=repr) + "\n"
+    )
 
 
 def run_sweep(
@@ -508,11 +542,7 @@ def run_trials(
 ) -> SweepResult:
     """``run_sweep`` over given trials (e.g. ``expand``'s, with per-trial bindings added):
     each unfinished one runs as ``runner(command, cwd=REPO_ROOT, check=False)``."""
-    root = as_path(_root_text(root_dir))
-    root.mkdir(parents=True, exist_ok=True)
-    (root / TRIALS_FILE).write_text(
-        json.dumps([dataclasses.asdict(t) for t in trials], indent=2, default=repr) + "\n"
-    )
+    write_trials_file(trials, root_dir)
     result = SweepResult()
     error: SweepError | None = None
     for i, trial in enumerate(trials, start=1):
@@ -524,6 +554,7 @@ def run_trials(
         _log(f"{tag}: running\n  $ {shell_join(trial.command)}")
         completed = runner(trial.command, cwd=REPO_ROOT, check=False)
         result.ran.append(trial.name)
+        result.attempts[trial.name] = 1
         if completed.returncode != 0:
             why = f"exit code {completed.returncode}"
         elif not metrics_log.is_done(trial.model_dir):
@@ -544,7 +575,7 @@ def run_trials(
         )
         break
     if make_report:
-        result.markdown = build_report(trials, root_dir)
+        result.markdown = build_report(trials, root_dir, failed=result.failed)
     if error is not None:
         raise error
     return result
@@ -576,9 +607,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         help="extra gin binding NAME=VALUE for every trial, e.g. INITIAL_CHECKPOINT='gs://...'",
     )
-    parser.add_argument("--continue_on_error", action="store_true")
+    parser.add_argument(
+        "--continue_on_error",
+        action="store_true",
+        help="go on after a failed trial (by default no further trial is started)",
+    )
     parser.add_argument(
         "--only", action="append", default=[], help="run only trials matching this glob"
+    )
+    ray_flags = parser.add_argument_group(
+        "ray", "--launcher=ray: each trial is a Ray task (pip install -e '.[ray]')"
+    )
+    ray_flags.add_argument(
+        "--launcher",
+        choices=("sequential", "ray"),
+        default="sequential",
+        help="sequential: one trial after another here; ray: trials in parallel on Ray",
+    )
+    ray_flags.add_argument(
+        "--ray_address",
+        help="a running cluster to join ('auto', 'HOST:6379'); default: $RAY_ADDRESS if set, "
+        "else a local cluster on this machine, stopped at the end",
+    )
+    ray_flags.add_argument(
+        "--resources",
+        default='{"CPU": 1}',
+        help="each trial's Ray resources as JSON, e.g. '{\"GPU\": 1}', '{\"TPU\": 4}' "
+        "(default: %(default)s)",
+    )
+    ray_flags.add_argument(
+        "--max_parallel", type=int, help="at most N trials at once (default: as Ray schedules)"
+    )
+    ray_flags.add_argument(
+        "--max_retries",
+        type=int,
+        help="reruns of a trial that died (killed, preempted), each resuming from its "
+        f"MODEL_DIR (default: sweep.max_retries, else {DEFAULT_MAX_RETRIES})",
     )
     args = parser.parse_args(argv)
     try:
@@ -604,9 +668,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             if markdown is not None:
                 print(markdown, end="")
             return 0 if markdown is not None else 1
-        result = run_sweep(
-            spec, args.root_dir, only=args.only, continue_on_error=args.continue_on_error
-        )
+        if args.launcher == "ray":
+            from hir_jax import sweep_ray
+
+            max_retries = args.max_retries
+            if max_retries is None:
+                max_retries = DEFAULT_MAX_RETRIES if spec.max_retries is None else spec.max_retries
+            result = sweep_ray.run_trials_ray(
+                trials,
+                args.root_dir,
+                address=args.ray_address,
+                resources=sweep_ray.parse_resources(args.resources),
+                max_parallel=args.max_parallel,
+                max_retries=max_retries,
+                continue_on_error=args.continue_on_error,
+            )
+        else:
+            result = run_sweep(
+                spec, args.root_dir, only=args.only, continue_on_error=args.continue_on_error
+            )
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -207,3 +208,14 @@ def test_paper_table_sweep_file(tmp_path):
     ]
     assert trials[0].command[3] == "--gin_file=gin_configs/runs/eval.gin"
     assert os.path.basename(hir[0]).startswith("python")
+
+
+def test_ray_launcher_without_ray_says_how_to_install_it(setup, capsys, monkeypatch):
+    write_sweep, invocations, root = setup
+    sweep_file = write_sweep(["hir_bigbench.date_understanding"])
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    argv = [f"--sweep_file={sweep_file}", f"--root_dir={root}", "--launcher=ray"]
+    assert sweep.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --launcher=ray needs Ray; install it with: pip install -e '.[ray]'"]
+    assert invocations() == [] and not root.exists()
