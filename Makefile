@@ -10,7 +10,7 @@ DEMO_DIR ?= /tmp/hir_demo
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,ray]'
 	# bigbench==1.0.0 cannot be pip-installed (see tasks/install_bigbench.py); fetch its task files.
 	$(BIN)/python -m tasks.install_bigbench
 	touch $(STAMP)
