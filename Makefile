@@ -55,3 +55,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/sampling.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/checkpoint_load.py
+	$(BIN)/python bench/round.py
