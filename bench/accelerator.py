@@ -35,13 +35,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import types
 from typing import Any
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402, F401  (sets up paths and env)
 
 
 def _gin_stand_in() -> None:
@@ -66,6 +65,8 @@ _gin_stand_in()
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from common import hf_model, time_fn  # noqa: E402
+from train_step import make_batch  # noqa: E402
 
 from hir_jax import decoding, features, partitioning, train  # noqa: E402
 from hir_jax.model import t5  # noqa: E402
@@ -131,33 +132,9 @@ def decode_step_bytes(
 # --------------------------------------------------------------------------- ours
 
 
-def random_batch(cfg: T5Config, batch: int, enc: int, dec: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    pos = rng.integers(2, cfg.vocab_size, (batch, enc)).astype(np.int32)
-    tgt = rng.integers(2, cfg.vocab_size, (batch, dec)).astype(np.int32)
-    pos[:, -1] = tgt[:, -1] = 1
-    dec_in = np.concatenate([np.zeros((batch, 1), np.int32), tgt[:, :-1]], 1)
-    return {
-        features.ENCODER_POS: pos,
-        features.DECODER_INPUT: dec_in,
-        features.DECODER_TARGET: tgt,
-        features.DECODER_WEIGHTS: np.ones((batch, dec), np.float32),
-    }
-
-
 def is_oom(exc: BaseException) -> bool:
     text = str(exc)
     return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-
-
-def time_steps(run: Any, steps: int) -> float:
-    """Median seconds of ``run()`` over ``steps`` calls (after the caller's warm-up)."""
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def ours_train(cfg: T5Config, args: argparse.Namespace, batch: int) -> dict[str, float]:
@@ -168,7 +145,9 @@ def ours_train(cfg: T5Config, args: argparse.Namespace, batch: int) -> dict[str,
     del params
     loss = train.nll_loss_config(normalisation="token")
     step = train.make_train_step(t5.T5(cfg), opt, part, loss=loss)
-    data = part.shard_batch(random_batch(cfg, batch, args.inputs, args.targets))
+    data = part.shard_batch(
+        features.select(make_batch(cfg, batch, args.inputs, args.targets), loss)
+    )
     holder = {"state": state}
 
     def run() -> None:
@@ -179,7 +158,7 @@ def ours_train(cfg: T5Config, args: argparse.Namespace, batch: int) -> dict[str,
     run()
     compile_s = time.perf_counter() - start
     run()
-    seconds = time_steps(run, args.steps)
+    seconds = time_fn(run, warmup=0, repeats=args.steps)
     holder.clear()  # frees the state before the next measurement
     return {"seconds": seconds, "compile_s": compile_s}
 
@@ -210,23 +189,17 @@ def ours_sampling(cfg: T5Config, args: argparse.Namespace) -> dict[str, float]:
 # --------------------------------------------------------------------------- HF
 
 
-def hf_model(cfg: T5Config, dtype: Any) -> Any:
-    import torch
-    import transformers
-
-    from hir_jax.checkpoints import config_to_hf
-
-    torch.manual_seed(0)
-    hf_cfg = transformers.T5Config(**{**config_to_hf(cfg), "dropout_rate": 0.0})
-    return transformers.T5ForConditionalGeneration(hf_cfg).to(device="cuda", dtype=dtype)
+def hf_cuda_model(cfg: T5Config, dtype: Any) -> Any:
+    """``common.hf_model`` (random weights, our config's shapes) on the GPU in ``dtype``."""
+    return hf_model(cfg).to(device="cuda", dtype=dtype)
 
 
 def hf_train(cfg: T5Config, args: argparse.Namespace, batch: int) -> dict[str, float]:
     import torch
 
-    model = hf_model(cfg, torch.bfloat16).train()
+    model = hf_cuda_model(cfg, torch.bfloat16).train()
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.0)
-    data = random_batch(cfg, batch, args.inputs, args.targets)
+    data = make_batch(cfg, batch, args.inputs, args.targets)
     ids = torch.from_numpy(data[features.ENCODER_POS].astype(np.int64)).cuda()
     labels = torch.from_numpy(data[features.DECODER_TARGET].astype(np.int64)).cuda()
 
@@ -238,13 +211,13 @@ def hf_train(cfg: T5Config, args: argparse.Namespace, batch: int) -> dict[str, f
 
     run()
     run()
-    return {"seconds": time_steps(run, args.steps)}
+    return {"seconds": time_fn(run, warmup=0, repeats=args.steps)}
 
 
 def hf_sampling(cfg: T5Config, args: argparse.Namespace) -> dict[str, float]:
     import torch
 
-    model = hf_model(cfg, torch.bfloat16).eval()
+    model = hf_cuda_model(cfg, torch.bfloat16).eval()
     rng = np.random.default_rng(1)
     enc = rng.integers(2, cfg.vocab_size, (args.prompts, args.inputs)).astype(np.int64)
     enc[:, -1] = 1

@@ -109,11 +109,14 @@ def relabeled_features(vocab, entries, rng, widths) -> dict[str, np.ndarray]:
     )
 
 
-def buffer_split(examples: list, n_train: int, rng: np.random.Generator) -> list:
-    """The released buffer use: shuffle, hold out 10%, keep the first 4 x N_train."""
-    order = rng.permutation(len(examples))
-    held = int(np.ceil(0.1 * len(examples)))
-    return [examples[i] for i in order[held:]][: 4 * n_train]
+def judged_buffer(vocab, task, samples, rng: np.random.Generator) -> tuple[list, int]:
+    """The round's training buffer (the released use: shuffle, hold out 10%, keep the
+    first 4 x N_train) and how many samples were correct."""
+    entries = judge(vocab, task, samples)
+    order = rng.permutation(len(entries))
+    held = int(np.ceil(0.1 * len(entries)))
+    buffer = [entries[i] for i in order[held:]][: 4 * len(task)]
+    return buffer, sum(e[2] for e in entries)
 
 
 def unpadded(row: np.ndarray) -> torch.Tensor:
@@ -131,7 +134,7 @@ def greedy_accuracy(vocab, task, outputs) -> float:
 
 
 def ours_round(cfg, args, vocab, train_task, test_task, widths) -> dict[str, float]:
-    enc_len, dec_len = widths
+    enc_len = widths[0]
     model = t5.T5(cfg)
     part = partitioning.make_partitioner(data=-1, model=1)
     opt = train.make_optimizer(learning_rate=5e-4)
@@ -173,9 +176,7 @@ def ours_round(cfg, args, vocab, train_task, test_task, widths) -> dict[str, flo
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(args.seed)
-    entries = judge(vocab, train_task, samples)
-    n_correct = sum(e[2] for e in entries)
-    buffer = buffer_split(entries, len(train_task), rng)
+    buffer, n_correct = judged_buffer(vocab, train_task, samples, rng)
     times["judge"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -213,7 +214,7 @@ def released_round(cfg, args, vocab, train_task, test_task, widths) -> dict[str,
     from torch.distributions import Categorical
     from transformers.trainer_pt_utils import LabelSmoother
 
-    enc_len, dec_len = widths
+    enc_len = widths[0]
     model = hf_model(cfg, seed=args.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=0.0)
     smoother = LabelSmoother(epsilon=LABEL_SMOOTHING)
@@ -246,9 +247,7 @@ def released_round(cfg, args, vocab, train_task, test_task, widths) -> dict[str,
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(args.seed)
-    entries = judge(vocab, train_task, samples)
-    n_correct = sum(e[2] for e in entries)
-    buffer = buffer_split(entries, len(train_task), rng)
+    buffer, n_correct = judged_buffer(vocab, train_task, samples, rng)
     times["judge"] = time.perf_counter() - t0
 
     model.train()
